@@ -12,6 +12,8 @@ The blob is encoded by the ``fdt`` library; this module only decides the content
 
 from __future__ import annotations
 
+import string
+
 import fdt
 
 from vmcore.clock import TIMEBASE_HZ
@@ -50,7 +52,12 @@ def _node(name: str, *items: object) -> fdt.Node:
 
 
 def build_devicetree(ram_base: int, ram_size: int, bootargs: str = "") -> bytes:
-    """The DTB for a one-hart Ferry board with ``ram_size`` bytes of RAM at ``ram_base``."""
+    """The DTB for a one-hart Ferry board with ``ram_size`` bytes of RAM at ``ram_base``.
+
+    Raises ValueError for a command line that cannot be a devicetree string.
+    """
+    if any(c not in string.printable for c in bootargs) or "\0" in bootargs:
+        raise ValueError("kernel command line must be printable ASCII")
     tree = fdt.FDT()
     root = tree.root
     for item in (
@@ -61,13 +68,10 @@ def build_devicetree(ram_base: int, ram_size: int, bootargs: str = "") -> bytes:
     ):
         root.append(item)
 
-    root.append(
-        _node(
-            "chosen",
-            fdt.PropStrings("bootargs", bootargs),
-            fdt.PropStrings("stdout-path", f"/soc/serial@{UART_BASE:x}"),
-        )
-    )
+    chosen = _node("chosen", fdt.PropStrings("stdout-path", f"/soc/serial@{UART_BASE:x}"))
+    if bootargs:  # as QEMU: no -append, no bootargs property (an empty one is invalid)
+        chosen.append(fdt.PropStrings("bootargs", bootargs))
+    root.append(chosen)
     # OpenSBI's syscon reset driver and Linux's syscon-poweroff find the finisher here.
     root.append(
         _node(
