@@ -6,6 +6,7 @@ not a Ferry bug. The same images and expectations later run on Ferry.
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -20,3 +21,64 @@ def test_hello_prints_its_line_and_passes() -> None:
     status, output = run_qemu(guest_image("hello"))
     assert status == 0, output
     assert output == "Hello from a Ferry guest!\n"
+
+
+def mix64(x: int) -> int:
+    """The guests' mixing function (lib/mix.h), to predict their sums."""
+    m = (1 << 64) - 1
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & m
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & m
+    return x ^ (x >> 31)
+
+
+def ticks(output: str) -> list[tuple[int, int]]:
+    return [(int(n), int(s, 16)) for n, s in TICK.findall(output)]
+
+
+def test_ticker_prints_deterministic_ticks_then_passes() -> None:
+    status, output = run_qemu(guest_image("ticker"), append="ticks=5")
+    assert status == 0, output
+    expected, total = [], 0
+    for n in range(5):
+        total = mix64(total ^ (n + 0x9E3779B97F4A7C15))
+        expected.append((n, total))
+    assert ticks(output) == expected
+    assert output.endswith("ticker: done after 5 ticks\n")
+
+
+def test_dirtier_sum_changes_every_tick_when_writing() -> None:
+    status, output = run_qemu(guest_image("dirtier"), append="wss=16 rate=1000 ticks=5")
+    assert status == 0, output
+    assert output.startswith("dirtier: wss=16MiB pages=4096 rate=1000/ms hot=1.0\n")
+    got = ticks(output)
+    assert [n for n, _ in got] == list(range(5))
+    sums = [s for _, s in got]
+    assert all(a != b for a, b in itertools.pairwise(sums)), output
+
+
+def test_dirtier_sum_is_constant_when_idle() -> None:
+    status, output = run_qemu(guest_image("dirtier"), append="wss=16 rate=0 ticks=5")
+    assert status == 0, output
+    got = ticks(output)
+    assert [n for n, _ in got] == list(range(5))
+    assert len({s for _, s in got}) == 1
+
+
+def test_dirtier_catches_a_corrupted_page() -> None:
+    status, output = run_qemu(guest_image("dirtier"), append="wss=4 rate=10 ticks=3 corrupt=1000")
+    assert status == 3, output
+    assert "dirtier: CORRUPT page 1000 " in output
+
+
+def test_dirtier_refuses_a_working_set_larger_than_ram() -> None:
+    status, output = run_qemu(guest_image("dirtier"), append="wss=200", memory="128M")
+    assert status == 2, output
+    assert "dirtier: wss=200MiB does not fit in RAM" in output
+
+
+def test_cpubench_prints_result_and_instruction_count() -> None:
+    status, output = run_qemu(guest_image("cpubench"), append="n=1")
+    assert status == 0, output
+    assert re.search(r"^cpubench: result=0x[0-9a-f]{16} instret=\d+$", output, re.MULTILINE)
