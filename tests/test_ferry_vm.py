@@ -1,0 +1,159 @@
+"""``ferry-vm`` as a user drives it: exit statuses, console in and out, and bad inputs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from elfgen import EM_X86_64, echo_guest, finisher_guest, make_elf, spin_guest
+
+from vmcore.sizes import format_size, parse_size
+
+ROOT = Path(__file__).resolve().parent.parent
+HELLO = ROOT / "guests" / "build" / "hello.elf"
+TICKER = ROOT / "guests" / "build" / "ticker.elf"
+
+
+def ferry_vm(
+    *args: str, stdin: bytes | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "vmcore.cli", *args],
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+        capture_output=True,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def image(tmp_path: Path, name: str, data: bytes) -> str:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("64M", 64 << 20),
+        ("1G", 1 << 30),
+        ("128MiB", 128 << 20),
+        ("512k", 512 << 10),
+        ("256", 256 << 20),
+    ],
+)
+def test_sizes_parse(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["12Q", "", "M", "-1M", "1.5G", "64MX"])
+def test_nonsense_sizes_rejected(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid size"):
+        parse_size(text)
+
+
+def test_format_size() -> None:
+    assert format_size(128 << 20) == "128M"
+    assert format_size(4097) == "4097B"
+
+
+@pytest.mark.skipif(not HELLO.exists(), reason="guest images not built")
+def test_hello_prints_and_exits_zero() -> None:
+    done = ferry_vm("run", "--kernel", str(HELLO), "--bios", "none")
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout == b"Hello from a Ferry guest!\r\n"  # the guest writes CRLF
+
+
+def test_guest_fail_code_is_the_exit_status(tmp_path: Path) -> None:
+    done = ferry_vm("run", "--kernel", image(tmp_path, "f.elf", finisher_guest((7 << 16) | 0x3333)))
+    assert done.returncode == 7, done.stderr.decode()
+
+
+def test_timeout_exits_124(tmp_path: Path) -> None:
+    done = ferry_vm(
+        "run", "--kernel", image(tmp_path, "spin.elf", spin_guest()), "--timeout", "0.5"
+    )
+    assert done.returncode == 124
+
+
+def test_stdin_reaches_the_uart(tmp_path: Path) -> None:
+    done = ferry_vm("run", "--kernel", image(tmp_path, "echo.elf", echo_guest()), stdin=b"ping q")
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout == b"ping q"
+
+
+@pytest.mark.skipif(not TICKER.exists(), reason="guest images not built")
+def test_deterministic_runs_print_identical_bytes() -> None:
+    args = ("run", "--kernel", str(TICKER), "--append", "ticks=3", "--deterministic")
+    first, second = ferry_vm(*args), ferry_vm(*args)
+    assert first.returncode == 0, first.stderr.decode()
+    assert first.stdout.count(b"tick ") == 3
+    assert first.stdout == second.stdout
+
+
+def bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
+    good = make_elf([(0x8000_0000, b"\x6f\x00\x00\x00", 4)])
+    return [
+        (["--kernel", str(tmp_path / "missing.elf")], "no such file"),
+        (
+            [
+                "--kernel",
+                image(tmp_path, "x86.elf", make_elf([(0x8000_0000, b"x", 1)], machine=EM_X86_64)),
+            ],
+            "not RISC-V",
+        ),
+        (
+            [
+                "--kernel",
+                image(tmp_path, "far.elf", make_elf([(0x9000_0000, b"x", 1)])),
+                "-m",
+                "64M",
+            ],
+            "outside RAM",
+        ),
+        (
+            [
+                "--kernel",
+                image(tmp_path, "cut.elf", make_elf([(0x8000_0000, b"y" * 256, 256)])[:200]),
+            ],
+            "truncated",
+        ),
+        (["--kernel", image(tmp_path, "ok.elf", good), "-m", "12Q"], "invalid size"),
+        (["--kernel", image(tmp_path, "ok2.elf", good), "-m", "1M"], "memory size"),
+        (["--kernel", image(tmp_path, "ok3.elf", good), "--timeout", "soon"], "invalid timeout"),
+        (
+            ["--kernel", image(tmp_path, "ok4.elf", good), "--bios", str(tmp_path / "nofw.bin")],
+            "no such file",
+        ),
+        (["--kernel", image(tmp_path, "ok5.elf", good), "--append", "a\x01b"], "printable"),
+        (["--bios", "none"], "--kernel"),
+    ]
+
+
+def test_bad_inputs_are_one_line_errors_with_status_2(tmp_path: Path) -> None:
+    for args, message in bad_inputs(tmp_path):
+        done = ferry_vm("run", *args)
+        err = done.stderr.decode()
+        assert done.returncode == 2, (args, err)
+        assert err.startswith("ferry-vm: error: "), (args, err)
+        assert err.count("\n") == 1, (args, err)
+        assert message in err, (args, err)
+        assert done.stdout == b""
+
+
+def test_help_describes_the_run_command() -> None:
+    done = ferry_vm("run", "--help")
+    assert done.returncode == 0
+    for option in (
+        b"--kernel",
+        b"--bios",
+        b"--append",
+        b"--timeout",
+        b"--deterministic",
+        b"--trace",
+    ):
+        assert option in done.stdout

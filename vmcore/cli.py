@@ -1,0 +1,218 @@
+"""``ferry-vm``: run one VM in the foreground, like ``qemu-system-riscv64 -nographic``.
+
+The guest's UART is the terminal: its output goes to stdout byte for byte, and stdin (a
+terminal, or a pipe that has data) is fed to its receiver without ever blocking the guest.
+The exit status is the guest's: 0 when it powers off through the test finisher, its fail
+code when it reports failure, 124 when ``--timeout`` expires (as timeout(1) does), 2 for
+anything wrong with the command line or the images, with one ``ferry-vm: error:`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import select
+import sys
+import termios
+import time
+import tty
+from collections.abc import Iterator, Sequence
+from typing import NoReturn
+
+from vmcore.board import DEFAULT_MEMORY, Machine, MachineConfig
+from vmcore.loader import LoaderError
+from vmcore.sizes import parse_size
+
+EXIT_TIMEOUT = 124
+EXIT_USAGE = 2
+SLICE = 200_000
+"""Instructions between console polls: ~10-50 ms of guest work, so typing feels live."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as a single ``ferry-vm: error:`` line."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(message)
+
+
+def _fail(message: str) -> NoReturn:
+    sys.stderr.write(f"ferry-vm: error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(EXIT_USAGE)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid timeout {text!r} (seconds)") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"timeout must be positive, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="ferry-vm",
+        description="Run one RISC-V VM in the foreground on Ferry's virt-compatible board.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser(
+        "run",
+        help="boot a kernel (and optional firmware) with the UART on this terminal",
+        description=(
+            "Boot a kernel on a QEMU-virt-compatible board. The guest's UART is connected "
+            "to stdout/stdin; the exit status is the guest's (test finisher), 124 on timeout."
+        ),
+    )
+    run.add_argument("--kernel", required=True, metavar="PATH", help="ELF or raw kernel image")
+    run.add_argument(
+        "--bios",
+        default="none",
+        metavar="none|default|PATH",
+        help=(
+            "firmware: 'none' boots the kernel directly in M-mode; 'default' loads Debian's "
+            "OpenSBI fw_jump at 0x80000000 with the kernel at 0x80200000; or a firmware file"
+        ),
+    )
+    run.add_argument(
+        "-m",
+        "--memory",
+        type=_size,
+        default=DEFAULT_MEMORY,
+        metavar="SIZE",
+        help="guest RAM, e.g. 64M, 1G, 128MiB (default 128M)",
+    )
+    run.add_argument("--append", default="", metavar="STR", help="kernel command line")
+    run.add_argument(
+        "--timeout", type=_seconds, metavar="SEC", help="stop after SEC wall seconds, exit 124"
+    )
+    run.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="derive guest time from retired instructions, so every run prints the same bytes",
+    )
+    run.add_argument("--trace", action="store_true", help="log traps and MMIO to stderr")
+    return parser
+
+
+class _Console:
+    """The host side of the UART: stdout for output, stdin (when it can supply) for input."""
+
+    def __init__(self) -> None:
+        self.out = sys.stdout.buffer
+        self.in_fd: int | None = None
+        try:
+            fd = sys.stdin.fileno()
+            os.fstat(fd)
+            self.in_fd = fd
+        except (OSError, ValueError, AttributeError):
+            self.in_fd = None
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.out.write(data)
+            self.out.flush()
+        except BrokenPipeError:
+            # Reader went away (e.g. piped into head): keep running the guest silently.
+            self.out = open(os.devnull, "wb")  # noqa: SIM115
+
+    def poll(self, timeout: float) -> bytes | None:
+        """Input that is ready within ``timeout`` seconds; b"" if none; None at EOF."""
+        if self.in_fd is None:
+            if timeout > 0:
+                time.sleep(timeout)
+            return b""
+        try:
+            ready, _, _ = select.select([self.in_fd], [], [], timeout)
+        except (OSError, ValueError):
+            self.in_fd = None
+            return b""
+        if not ready:
+            return b""
+        data = os.read(self.in_fd, 4096)
+        if not data:
+            self.in_fd = None  # EOF: stop polling, the guest just sees no more input
+            return None
+        return data
+
+    @contextlib.contextmanager
+    def raw_input(self) -> Iterator[None]:
+        """Character-at-a-time, unechoed terminal input (Ctrl-C still stops ferry-vm)."""
+        if self.in_fd is None or not os.isatty(self.in_fd):
+            yield
+            return
+        saved = termios.tcgetattr(self.in_fd)
+        try:
+            tty.setcbreak(self.in_fd)
+            yield
+        finally:
+            termios.tcsetattr(self.in_fd, termios.TCSADRAIN, saved)
+
+
+def _trace_log(message: str) -> None:
+    sys.stderr.write(f"[trace] {message}\n")
+
+
+def run_vm(args: argparse.Namespace) -> int:
+    config = MachineConfig(
+        kernel=args.kernel,
+        memory=args.memory,
+        bios=args.bios,
+        append=args.append,
+        deterministic=args.deterministic,
+    )
+    console = _Console()
+    try:
+        machine = Machine(config, console=console.write, trace=_trace_log if args.trace else None)
+    except LoaderError as e:
+        _fail(str(e))
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    with console.raw_input():
+        while True:
+            result = machine.run_slice(SLICE)
+            if result.reason == "poweroff":
+                return 0
+            if result.reason == "fail":
+                return (result.exit_code & 0xFF) or 1
+            if result.reason == "reset":
+                machine.reset()
+                continue
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return EXIT_TIMEOUT
+            wait = 0.0
+            if result.reason == "idle":
+                # Sleep until the guest's timer fires or input arrives, whichever is first.
+                wait = 3600.0
+                if result.idle_until is not None:
+                    # A deadline already past means the timer is masked: don't spin on it.
+                    wait = max(0.001, machine.seconds_until(result.idle_until))
+                if deadline is not None:
+                    wait = min(wait, deadline - now)
+            data = console.poll(max(0.0, wait))
+            if data:
+                machine.uart.feed(data)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return run_vm(args)
+    except KeyboardInterrupt:
+        return 130
+    _fail(f"unknown command {args.command!r}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
