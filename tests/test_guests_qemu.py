@@ -82,3 +82,21 @@ def test_cpubench_prints_result_and_instruction_count() -> None:
     status, output = run_qemu(guest_image("cpubench"), append="n=1")
     assert status == 0, output
     assert re.search(r"^cpubench: result=0x[0-9a-f]{16} instret=\d+$", output, re.MULTILINE)
+
+
+ISA_PROGRAMS = ["rv64i", "rv64m", "zicsr"]
+
+
+@pytest.mark.parametrize("name", ISA_PROGRAMS)
+def test_isa_program_passes(name: str) -> None:
+    status, output = run_qemu(guest_image(f"isa/{name}"))
+    assert (status, output) == (0, f"PASS {name}\n")
+
+
+@pytest.mark.parametrize("name", ISA_PROGRAMS)
+def test_isa_program_passes_without_floating_point(name: str) -> None:
+    # Ferry's hart is RV64IMAC: the programs must also hold where misa has no F or D.
+    status, output = run_qemu(
+        guest_image(f"isa/{name}"), extra_args=["-cpu", "rv64,f=false,d=false"]
+    )
+    assert (status, output) == (0, f"PASS {name}\n")

@@ -1,0 +1,45 @@
+/*
+ * What every ISA program shares: the report lines a test matches, and a trap
+ * handler that records expected traps and turns unexpected ones into a FAIL
+ * naming the check that was running.
+ */
+#include "isa.h"
+
+volatile unsigned long isa_current;
+volatile struct trap_record last_trap;
+volatile int trap_expected;
+int (*isa_trap_hook)(struct trap_frame *frame);
+
+void isa_pass(void)
+{
+    kprintf("PASS %s\n", isa_name);
+    finish_pass();
+}
+
+void isa_fail(unsigned long test)
+{
+    kprintf("FAIL %s test=%lu\n", isa_name, test);
+    finish_fail(1);
+}
+
+void trap_handler(struct trap_frame *frame)
+{
+    if (isa_trap_hook && isa_trap_hook(frame))
+        return;
+    uint64_t cause = CSR_READ(mcause);
+    uint64_t epc = CSR_READ(mepc);
+    if (trap_expected && !(cause >> 63)) {
+        trap_expected = 0;
+        last_trap.cause = cause;
+        last_trap.epc = epc;
+        last_trap.tval = CSR_READ(mtval);
+        last_trap.count++;
+        CSR_WRITE(mepc, epc + insn_length(epc));
+        return;
+    }
+    /* Assembly programs keep their check number in s11 (x27). */
+    unsigned long test = isa_current ? isa_current : frame->x[27];
+    kprintf("FAIL %s test=%lu (unexpected trap mcause=0x%lx mepc=0x%lx mtval=0x%lx)\n", isa_name,
+            test, cause, epc, CSR_READ(mtval));
+    finish_fail(1);
+}
