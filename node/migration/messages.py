@@ -1,0 +1,134 @@
+"""The messages of the migration stream, as plain dataclasses.
+
+These are the protocol's vocabulary, independent of any transport: the state machines in
+:mod:`node.migration.sender` and :mod:`node.migration.receiver` consume and produce them, and
+a thin adapter maps them one to one onto ``protos/ferry/v1/migration.proto``. Keeping them
+free of protobuf lets every phase and fault be driven in a unit test without sockets.
+
+Source → destination: :class:`Hello`, :class:`Pages`, :class:`DeviceState`,
+:class:`Complete`, :class:`Abort`. Destination → source: :class:`Ack` (flow-control credit),
+:class:`Refusal` (answer to a Hello that must not proceed), :class:`Resumed`, :class:`Error`.
+
+Fields arriving from the wire are untrusted: nothing here validates them; the receiving state
+machine does, before any of them touches RAM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+
+
+class Encoding(StrEnum):
+    """How the data pages of one batch are packed into its payload."""
+
+    RAW = "raw"
+    ZSTD = "zstd"
+    LZ4 = "lz4"
+
+
+class RefusalReason(StrEnum):
+    """Why a destination refused a Hello; typed so the source can report it precisely."""
+
+    BAD_TOKEN = "bad-token"
+    PROTOCOL_VERSION = "protocol-version"
+    PAGE_SIZE = "page-size"
+    RAM_SIZE = "ram-size"
+    CONFIG = "config"
+
+
+@dataclass(frozen=True)
+class Hello:
+    """The first message: the source proves it may migrate here and that the VMs match."""
+
+    protocol_version: int
+    ferry_version: str
+    config_hash: str
+    ram_size: int
+    page_size: int
+    token: bytes
+
+
+def _no_pages() -> np.ndarray:
+    return np.zeros(0, dtype=np.uint32)
+
+
+@dataclass(frozen=True)
+class Pages:
+    """One batch of pages (about 1 MiB of payload).
+
+    ``page_numbers`` lists the pages whose contents are in ``payload``, in payload order;
+    ``zero_pages`` lists pages that became all-zero since the destination last received
+    them and carry no payload. ``seq`` numbers the batches of the whole migration from 1 so
+    that acknowledgements can name what they acknowledge.
+    """
+
+    seq: int
+    round: int
+    encoding: str
+    page_numbers: np.ndarray = field(default_factory=_no_pages)
+    zero_pages: np.ndarray = field(default_factory=_no_pages)
+    payload: bytes = b""
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """Every component's ``save()`` dict, msgpack-encoded; sent while the VM is paused."""
+
+    state: bytes
+
+
+@dataclass(frozen=True)
+class Complete:
+    """End of the stream: the digest of all guest RAM as the source sent it."""
+
+    digest: int
+
+
+@dataclass(frozen=True)
+class Abort:
+    """The source gives up (cancel or local failure); the destination discards its VM."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Batches up to ``acked_seq`` are applied; the source may send ``credit`` more.
+
+    The answer to an accepted Hello is an Ack with ``acked_seq`` 0 and the initial window.
+    """
+
+    acked_seq: int
+    credit: int
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The destination will not take this VM; nothing was changed on either side."""
+
+    reason: RefusalReason
+    detail: str
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """The destination's guest runs. ``resumed_at`` is the destination's clock, in seconds."""
+
+    resumed_at: float
+
+
+@dataclass(frozen=True)
+class Error:
+    """The destination hit invalid input or a local failure and discarded its VM."""
+
+    reason: str
+
+
+SourceMessage = Hello | Pages | DeviceState | Complete | Abort
+DestinationMessage = Ack | Refusal | Resumed | Error
+Message = SourceMessage | DestinationMessage

@@ -1,0 +1,749 @@
+"""The source side of a live migration: pre-copy rounds, convergence policy, switchover.
+
+:class:`MigrationSender` is a pure state machine (no sockets, no threads, no sleeping). Its
+driver, the VMM worker, feeds it the destination's messages and the passing of time and
+carries out the actions it returns (see :mod:`node.migration.actions`)::
+
+    SETUP ─start()─► HELLO_SENT ─Ack─► ROUND_0 ─► ITERATING ─► SWITCHOVER ─► WAIT_RESUMED
+                                                                              │ Resumed
+                                                                              ▼
+                         CANCELLED / FAILED ◄── any phase before Complete    COMPLETED
+
+Round 0 sends every page that is not zero; each later round sends what the dirty log
+recorded during the previous one. A round ends when all its batches are acknowledged; the
+sender then fetches the dirty set, measures the round (bandwidth, dirty rate) and predicts
+the downtime that stopping now would cost (dirty bytes / bandwidth). Under the budget it
+switches over: pause, final dirty fetch, the remaining pages, device state, and
+``Complete`` with the memory digest. Otherwise it iterates, and when the remaining bytes
+stop falling for ``stall_rounds`` rounds it escalates one step per unproductive round:
+throttle the vCPU (20 %, then +10 % up to 99 %), then raise the downtime budget in steps up
+to ``max_downtime_max_ms``, then cancel with the reason. The ladder is finite, so a
+migration that cannot converge ends by policy, never by hanging.
+
+Until ``Complete`` is sent the destination cannot run the guest, so any cancel or failure
+resumes the source VM untouched. After ``Complete`` only the destination's answer settles
+it: ``Resumed`` completes, ``Error`` means the destination discarded its copy and the source
+resumes, and silence or a broken stream is reported as :class:`OutcomeUnknown` with the
+source still paused, for the coordinator to resolve.
+
+Driving it::
+
+    actions = sender.start()
+    while not sender.finished:
+        actions += sender.poll()           # [] when waiting for credit, acks or pacing
+        ...carry out actions in order; wait for a message, sender.ready_at or a timeout...
+        actions = sender.receive(message)  # or sender.tick(now) / sender.connection_lost()
+
+``cancel()`` may be called at any time and is idempotent.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+import msgpack
+import numpy as np
+
+from node.migration.actions import (
+    Action,
+    Cancelled,
+    Completed,
+    Failed,
+    OutcomeUnknown,
+    PauseVM,
+    ResumeVM,
+    SendMessage,
+    SetThrottle,
+)
+from node.migration.digest import MemoryDigest, page_hashes
+from node.migration.encoding import (
+    BATCH_PAGES,
+    COMPRESSION_MODES,
+    PAGE_SIZE,
+    CompressionPolicy,
+    wire_size,
+)
+from node.migration.messages import (
+    PROTOCOL_VERSION,
+    Abort,
+    Ack,
+    Complete,
+    DeviceState,
+    Error,
+    Hello,
+    Message,
+    Pages,
+    Refusal,
+    Resumed,
+)
+
+# Pages scanned for zeros per step of round 0: ~16 MiB, a couple of milliseconds, so the
+# scan interleaves with the guest instead of stalling it for the whole of RAM.
+_SCAN_CHUNK = 4096
+# A round is "progress" when it leaves at least this much less to send than the best so far.
+_PROGRESS = 0.9
+# A bandwidth figure from fewer bytes than this is mostly latency; keep the previous one.
+_MIN_BANDWIDTH_SAMPLE = 1 << 20
+# More credit than this from a destination is a protocol error, not generosity.
+_MAX_CREDIT = 1024
+THROTTLE_FIRST = 20
+THROTTLE_STEP = 10
+THROTTLE_MAX = 99
+
+
+class DirtyLogLike(Protocol):
+    """What the sender needs of a dirty log (``vmcore.memory.DirtyLog`` provides it)."""
+
+    def enable(self) -> None: ...
+
+    def disable(self) -> None: ...
+
+    def fetch_and_reset(self) -> np.ndarray: ...
+
+
+class Phase(StrEnum):
+    SETUP = "setup"
+    HELLO_SENT = "hello-sent"
+    ROUND_0 = "round-0"
+    ITERATING = "iterating"
+    SWITCHOVER = "switchover"
+    WAIT_RESUMED = "wait-resumed"
+    CANCELLING = "cancelling"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    OUTCOME_UNKNOWN = "outcome-unknown"
+
+
+_TERMINAL = {Phase.COMPLETED, Phase.CANCELLED, Phase.FAILED, Phase.OUTCOME_UNKNOWN}
+# Phases in which the destination cannot be running the guest yet.
+_BEFORE_COMPLETE = {Phase.HELLO_SENT, Phase.ROUND_0, Phase.ITERATING, Phase.SWITCHOVER}
+# query-migrate's status names, so users can compare with QEMU.
+_STATUS = {
+    Phase.SETUP: "setup",
+    Phase.HELLO_SENT: "setup",
+    Phase.ROUND_0: "active",
+    Phase.ITERATING: "active",
+    Phase.SWITCHOVER: "device",
+    Phase.WAIT_RESUMED: "device",
+    Phase.CANCELLING: "cancelling",
+    Phase.COMPLETED: "completed",
+    Phase.CANCELLED: "cancelled",
+    Phase.FAILED: "failed",
+    Phase.OUTCOME_UNKNOWN: "outcome-unknown",
+}
+
+
+@dataclass(frozen=True)
+class MigrationOptions:
+    """Per-migration knobs, named and defaulted as QEMU and Cloud Hypervisor users expect."""
+
+    max_downtime_ms: float = 300.0
+    # The convergence policy may raise the downtime budget up to this, in downtime_steps.
+    max_downtime_max_ms: float = 2000.0
+    downtime_steps: int = 4
+    # Bytes per second on the wire; 0 means unlimited. Not applied while the VM is paused.
+    max_bandwidth: float = 0.0
+    # Whole migration, from start() to Complete; 0 means no limit.
+    timeout_s: float = 0.0
+    auto_converge: bool = True
+    compression: str = "auto"
+    # Rounds without progress before the convergence policy starts escalating.
+    stall_rounds: int = 3
+    # How long to wait for the destination's verdict once Complete (or a late Abort) is sent.
+    resume_timeout_s: float = 30.0
+
+    def check(self) -> None:
+        """Raise ValueError with a one-line message for an option a user got wrong."""
+        if self.max_downtime_ms <= 0:
+            raise ValueError("max_downtime_ms must be positive")
+        if self.max_downtime_max_ms < self.max_downtime_ms:
+            raise ValueError("max_downtime_max_ms must be at least max_downtime_ms")
+        if self.downtime_steps < 1:
+            raise ValueError("downtime_steps must be at least 1")
+        if self.max_bandwidth < 0:
+            raise ValueError("max_bandwidth must be 0 (unlimited) or positive")
+        if self.timeout_s < 0:
+            raise ValueError("timeout_s must be 0 (no limit) or positive")
+        if self.compression not in COMPRESSION_MODES:
+            raise ValueError(
+                f"unknown compression {self.compression!r}; "
+                f"choose one of {', '.join(COMPRESSION_MODES)}"
+            )
+        if self.stall_rounds < 1:
+            raise ValueError("stall_rounds must be at least 1")
+        if self.resume_timeout_s <= 0:
+            raise ValueError("resume_timeout_s must be positive")
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """What one pre-copy round moved and what it predicted."""
+
+    number: int
+    pages: int
+    zero_pages: int
+    bytes: int
+    duration_s: float
+    bandwidth: float
+    dirty_pages: int
+    dirty_rate: float
+    expected_downtime_ms: float
+    throttle_percent: int
+    downtime_budget_ms: float
+
+
+class MigrationSender:
+    """One outgoing migration of one VM's RAM and device state. See the module docstring."""
+
+    def __init__(
+        self,
+        ram: memoryview,
+        dirty_log: DirtyLogLike,
+        save_device_state: Callable[[], dict[str, Any]],
+        *,
+        token: bytes,
+        config_hash: str,
+        ferry_version: str = "",
+        options: MigrationOptions | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        page_size: int = PAGE_SIZE,
+        compression_timer: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.options = options or MigrationOptions()
+        self.options.check()
+        if len(ram) == 0 or len(ram) % page_size:
+            raise ValueError(f"RAM of {len(ram)} bytes is not a whole number of pages")
+        self._ram_size = len(ram)
+        self._page_size = page_size
+        self._page_count = len(ram) // page_size
+        self._pages = np.frombuffer(ram, dtype=np.uint8).reshape(self._page_count, page_size)
+        self._words = self._pages.view(np.uint64)
+        self._dirty_log = dirty_log
+        self._save_device_state = save_device_state
+        self._hello = Hello(
+            protocol_version=PROTOCOL_VERSION,
+            ferry_version=ferry_version,
+            config_hash=config_hash,
+            ram_size=self._ram_size,
+            page_size=page_size,
+            token=token,
+        )
+        self._clock = clock
+        self._policy = CompressionPolicy(self.options.compression, timer=compression_timer)
+        self.digest = MemoryDigest(self._page_count)
+
+        self.phase = Phase.SETUP
+        self.reason = ""
+        self.rounds: list[RoundStats] = []
+        self._logging = False
+        self._paused = False
+        self._throttle = 0
+        self._budget_ms = self.options.max_downtime_ms
+        self._best_remaining = math.inf
+        self._rounds_without_progress = 0
+        self._escalating = False
+
+        # Flow control: batches are numbered from 1; credit is what the destination allows.
+        self._credit = 0
+        self._next_seq = 1
+        self._acked_seq = 0
+        self._sent_bytes: dict[int, int] = {}
+
+        # The current round's pages: round 0 scans RAM lazily, later rounds walk an array.
+        self._round = 0
+        self._scan_pos = 0
+        self._todo = np.zeros(0, dtype=np.int64)
+        self._todo_pos = 0
+        self._round_last_seq = 0
+        self._round_start = 0.0
+        self._round_bytes = 0
+        self._round_acked_bytes = 0
+        self._round_pages = 0
+        self._round_zero = 0
+        self._round_busy_start = 0.0
+        self._final_fetch_done = False
+
+        # Measurements.
+        self._bandwidth = 0.0
+        self._dirty_rate = 0.0
+        self._expected_downtime_ms = 0.0
+        self._start_time = 0.0
+        self._setup_time = 0.0
+        self._end_time = 0.0
+        self._pause_time = 0.0
+        self._resumed_at = 0.0
+        self._complete_time = 0.0
+        self._transferred = 0
+        self._normal = 0
+        self._duplicate = 0
+        self._compressed_bytes = 0
+        self._sync_count = 0
+        self._pace_start = 0.0
+        self._pace_bytes = 0
+
+    # ----------------------------------------------------------------- driver interface
+
+    @property
+    def finished(self) -> bool:
+        """True once the outcome is settled (completed, cancelled, failed or unknown)."""
+        return self.phase in _TERMINAL
+
+    @property
+    def ready_at(self) -> float | None:
+        """When pacing (``max_bandwidth``) next allows a batch, or None if it does not hold
+        one back. The driver waits until then (or for a message) before polling again."""
+        if not self._pacing() or self._pace_allows(self._clock()):
+            return None
+        return self._pace_start + self._pace_bytes / self.options.max_bandwidth
+
+    def start(self) -> list[Action]:
+        """Begin: send Hello. Nothing touches the VM until the destination accepts."""
+        if self.phase is not Phase.SETUP:
+            return []
+        self._start_time = self._clock()
+        self.phase = Phase.HELLO_SENT
+        return [SendMessage(self._hello)]
+
+    def poll(self) -> list[Action]:
+        """The next thing to send, if credit and pacing allow; [] means wait for input."""
+        if self.phase in (Phase.ROUND_0, Phase.ITERATING):
+            return self._poll_round()
+        if self.phase is Phase.SWITCHOVER:
+            return self._poll_switchover()
+        return []
+
+    def receive(self, message: Message) -> list[Action]:
+        """Handle one message from the destination."""
+        now = self._clock()
+        phase = self.phase
+        if phase in _TERMINAL or phase is Phase.SETUP:
+            # Late replies after we gave up (e.g. the Ack in flight when cancel was called).
+            return []
+        if isinstance(message, Error):
+            if phase in (Phase.WAIT_RESUMED, Phase.CANCELLING):
+                # The destination discarded its copy, so the source may safely run on.
+                if phase is Phase.CANCELLING:
+                    return self._stop(Phase.CANCELLED, self.reason, send_abort=False)
+                return self._stop(
+                    Phase.FAILED, f"destination failed: {message.reason}", send_abort=False
+                )
+            return self._stop(
+                Phase.FAILED, f"destination failed: {message.reason}", send_abort=False
+            )
+        if isinstance(message, Refusal):
+            if phase is Phase.HELLO_SENT:
+                return self._stop(
+                    Phase.FAILED,
+                    f"destination refused the migration ({message.reason}): {message.detail}",
+                    send_abort=False,
+                )
+            return self._protocol_error(f"Refusal in phase {phase}")
+        if isinstance(message, Resumed):
+            if phase in (Phase.WAIT_RESUMED, Phase.CANCELLING):
+                return self._complete(now, message.resumed_at)
+            return self._protocol_error(f"Resumed in phase {phase}")
+        if isinstance(message, Ack):
+            return self._on_ack(message, now)
+        return self._protocol_error(f"unexpected {type(message).__name__} from destination")
+
+    def tick(self, now: float | None = None) -> list[Action]:
+        """Let time pass: enforces ``timeout_s`` and the wait for the destination's verdict."""
+        if now is None:
+            now = self._clock()
+        if self.phase in _BEFORE_COMPLETE:
+            limit = self.options.timeout_s
+            if limit and now - self._start_time >= limit:
+                return self._stop(Phase.FAILED, f"migration timed out after {limit:g} s")
+        elif self.phase in (Phase.WAIT_RESUMED, Phase.CANCELLING):
+            limit = self.options.resume_timeout_s
+            if now - self._complete_time >= limit:
+                return self._unknown(
+                    f"no answer from the destination {limit:g} s after the final message"
+                )
+        return []
+
+    def cancel(self, reason: str = "cancelled by request") -> list[Action]:
+        """Stop the migration and keep the VM on the source. Idempotent, in every phase.
+
+        Once ``Complete`` is sent the destination may already be resuming the guest, so the
+        sender sends Abort and waits for the destination's verdict (bounded by
+        ``resume_timeout_s``): if it had resumed, the migration completed despite the cancel.
+        """
+        if self.phase is Phase.SETUP:
+            self.phase = Phase.CANCELLED
+            self.reason = reason
+            self._end_time = self._clock()
+            return [Cancelled(reason)]
+        if self.phase in _BEFORE_COMPLETE:
+            return self._stop(Phase.CANCELLED, reason)
+        if self.phase is Phase.WAIT_RESUMED:
+            self.phase = Phase.CANCELLING
+            self.reason = reason
+            return [SendMessage(Abort(reason))]
+        return []
+
+    def connection_lost(self, detail: str = "") -> list[Action]:
+        """The stream broke (the destination died, the network dropped)."""
+        why = "connection to the destination lost" + (f": {detail}" if detail else "")
+        if self.phase in _BEFORE_COMPLETE:
+            return self._stop(Phase.FAILED, why, send_abort=False)
+        if self.phase is Phase.WAIT_RESUMED:
+            return self._unknown(why + " after the final message")
+        if self.phase is Phase.CANCELLING:
+            return self._unknown(why + " while cancelling after the final message")
+        return []
+
+    def stats(self) -> dict[str, Any]:
+        """Progress and figures, keyed as QEMU's ``query-migrate`` (times in ms)."""
+        now = self._end_time if self.finished else self._clock()
+        started = self._start_time > 0 or self.phase is not Phase.SETUP
+        total_ms = (now - self._start_time) * 1000 if started else 0.0
+        if self.phase is Phase.COMPLETED:
+            downtime_ms = (self._end_time - self._pause_time) * 1000
+        elif self._paused:
+            downtime_ms = (now - self._pause_time) * 1000
+        else:
+            downtime_ms = 0.0
+        return {
+            "status": _STATUS[self.phase],
+            "setup-time": self._setup_time * 1000,
+            "total-time": total_ms,
+            "downtime": downtime_ms,
+            "expected-downtime": self._expected_downtime_ms,
+            "transferred": self._transferred,
+            "remaining": self._remaining_bytes(),
+            "total": self._ram_size,
+            "duplicate": self._duplicate,
+            "normal": self._normal,
+            "compressed-bytes": self._compressed_bytes,
+            "dirty-pages-rate": self._dirty_rate,
+            "mbps": self._bandwidth * 8 / 1e6,
+            "dirty-sync-count": self._sync_count,
+            "cpu-throttle-percentage": self._throttle,
+        }
+
+    # ------------------------------------------------------------------------- rounds
+
+    def _on_ack(self, ack: Ack, now: float) -> list[Action]:
+        if not (self._acked_seq <= ack.acked_seq < self._next_seq):
+            return self._protocol_error(
+                f"Ack for batch {ack.acked_seq}, sent up to {self._next_seq - 1}"
+            )
+        if not (0 <= ack.credit <= _MAX_CREDIT):
+            return self._protocol_error(f"Ack grants {ack.credit} credit")
+        if self.phase is Phase.HELLO_SENT:
+            if ack.credit < 1:
+                return self._protocol_error("destination accepted with no credit")
+            self._credit = ack.credit
+            return self._begin_round_0(now)
+        for seq in range(self._acked_seq + 1, ack.acked_seq + 1):
+            self._round_acked_bytes += self._sent_bytes.pop(seq, 0)
+        self._acked_seq = ack.acked_seq
+        self._credit += ack.credit
+        if self.phase in (Phase.ROUND_0, Phase.ITERATING):
+            self._measure_bandwidth(now)
+            if self._round_exhausted() and self._acked_seq >= self._round_last_seq:
+                return self._end_round(now)
+        return []
+
+    def _begin_round_0(self, now: float) -> list[Action]:
+        self._setup_time = now - self._start_time
+        self._dirty_log.enable()
+        self._logging = True
+        self.phase = Phase.ROUND_0
+        self._pace_start = now
+        self._start_round(0, now)
+        return []
+
+    def _start_round(self, number: int, now: float, todo: np.ndarray | None = None) -> None:
+        self._round = number
+        self._scan_pos = 0
+        self._todo = np.zeros(0, dtype=np.int64) if todo is None else todo
+        self._todo_pos = 0
+        self._round_start = now
+        self._round_last_seq = self._next_seq - 1
+        self._round_bytes = 0
+        self._round_acked_bytes = 0
+        self._round_pages = 0
+        self._round_zero = 0
+        self._round_busy_start = self._policy.busy_seconds
+
+    def _round_exhausted(self) -> bool:
+        if self._todo_pos < len(self._todo):
+            return False
+        return self._round != 0 or self._scan_pos >= self._page_count
+
+    def _remaining_bytes(self) -> int:
+        if self.phase not in (Phase.ROUND_0, Phase.ITERATING, Phase.SWITCHOVER):
+            return 0
+        pages = len(self._todo) - self._todo_pos
+        if self.phase is Phase.ROUND_0:
+            pages += self._page_count - self._scan_pos
+        return pages * self._page_size
+
+    def _next_candidates(self) -> np.ndarray | None:
+        """Up to a batch of pages to consider next, or None when the round has no more."""
+        while self._todo_pos >= len(self._todo):
+            if self._round != 0 or self._scan_pos >= self._page_count:
+                return None
+            # Round 0: find the next non-zero pages; zero pages match the zeroed destination.
+            first = self._scan_pos
+            last = min(first + _SCAN_CHUNK, self._page_count)
+            nonzero = np.flatnonzero(self._words[first:last].any(axis=1)) + first
+            self._duplicate += (last - first) - len(nonzero)
+            self._round_zero += (last - first) - len(nonzero)
+            self._scan_pos = last
+            self._todo = nonzero
+            self._todo_pos = 0
+        batch = self._todo[self._todo_pos : self._todo_pos + BATCH_PAGES]
+        self._todo_pos += len(batch)
+        return batch
+
+    def _next_pages(self, round_number: int) -> Pages | None:
+        """Build the next batch of the current round, or None when it has no more."""
+        while (candidates := self._next_candidates()) is not None:
+            data = self._pages[candidates]
+            zero = ~data.view(np.uint64).any(axis=1)
+            # A zero page needs a marker only if the destination holds it as non-zero.
+            marker = zero & ~self.digest.is_zero(candidates)
+            self._duplicate += int(zero.sum())
+            self._round_zero += int(zero.sum())
+            zero_pages = candidates[marker]
+            keep = ~zero
+            numbers = candidates[keep]
+            contents = data[keep]
+            if not len(numbers) and not len(zero_pages):
+                continue
+            self.digest.set_hashes(numbers, page_hashes(numbers, contents))
+            self.digest.update_zero(zero_pages)
+            encoding, payload = self._policy.encode(contents, self._link_bandwidth())
+            if encoding != "raw":
+                self._compressed_bytes += len(payload)
+            self._normal += len(numbers)
+            self._round_pages += len(numbers) + len(zero_pages)
+            return Pages(
+                seq=self._next_seq,
+                round=round_number,
+                encoding=encoding,
+                page_numbers=numbers.astype(np.uint32),
+                zero_pages=zero_pages.astype(np.uint32),
+                payload=payload,
+            )
+        return None
+
+    def _emit(self, batch: Pages) -> SendMessage:
+        size = wire_size(batch)
+        self._sent_bytes[batch.seq] = size
+        self._next_seq += 1
+        self._credit -= 1
+        self._transferred += size
+        self._round_bytes += size
+        self._pace_bytes += size
+        self._round_last_seq = batch.seq
+        return SendMessage(batch)
+
+    def _poll_round(self) -> list[Action]:
+        now = self._clock()
+        if self._round_exhausted():
+            if self._acked_seq >= self._round_last_seq:
+                return self._end_round(now)
+            return []
+        if self._credit <= 0:
+            return []
+        if self._pacing() and not self._pace_allows(now):
+            return []
+        batch = self._next_pages(self._round)
+        if batch is None:
+            # Everything left in the round was zero on both sides.
+            if self._acked_seq >= self._round_last_seq:
+                return self._end_round(now)
+            return []
+        return [self._emit(batch)]
+
+    def _measure_bandwidth(self, now: float) -> None:
+        elapsed = now - self._round_start
+        if self._round_acked_bytes >= _MIN_BANDWIDTH_SAMPLE and elapsed > 0:
+            self._bandwidth = self._round_acked_bytes / elapsed
+
+    def _link_bandwidth(self) -> float:
+        """Bandwidth with compression time left out, for deciding whether to compress."""
+        if self._bandwidth <= 0:
+            return 0.0
+        elapsed = self._clock() - self._round_start
+        busy = self._policy.busy_seconds - self._round_busy_start
+        if self._round_acked_bytes >= _MIN_BANDWIDTH_SAMPLE and elapsed - busy > 0:
+            return self._round_acked_bytes / (elapsed - busy)
+        return self._bandwidth
+
+    def _pacing(self) -> bool:
+        return self.options.max_bandwidth > 0 and self.phase is not Phase.SWITCHOVER
+
+    def _pace_allows(self, now: float) -> bool:
+        return self._pace_bytes <= (now - self._pace_start) * self.options.max_bandwidth
+
+    def _end_round(self, now: float) -> list[Action]:
+        duration = max(now - self._round_start, 1e-9)
+        if self._round_bytes and self._round_acked_bytes < _MIN_BANDWIDTH_SAMPLE and (
+            self._bandwidth <= 0
+        ):
+            # Only small rounds so far: a latency-bound figure beats none.
+            self._bandwidth = self._round_bytes / duration
+        dirty = np.asarray(self._dirty_log.fetch_and_reset(), dtype=np.int64)
+        self._sync_count += 1
+        self._dirty_rate = len(dirty) / duration
+        remaining = len(dirty) * self._page_size
+        expected_ms = self._predict_downtime_ms(remaining)
+        self._expected_downtime_ms = expected_ms
+        self.rounds.append(
+            RoundStats(
+                number=self._round,
+                pages=self._round_pages,
+                zero_pages=self._round_zero,
+                bytes=self._round_bytes,
+                duration_s=duration,
+                bandwidth=self._bandwidth,
+                dirty_pages=len(dirty),
+                dirty_rate=self._dirty_rate,
+                expected_downtime_ms=expected_ms,
+                throttle_percent=self._throttle,
+                downtime_budget_ms=self._budget_ms,
+            )
+        )
+        if expected_ms <= self._budget_ms:
+            return self._begin_switchover(now, dirty)
+        actions = self._converge(remaining)
+        if self.finished:
+            return actions
+        if expected_ms <= self._budget_ms:
+            return actions + self._begin_switchover(now, dirty)
+        self.phase = Phase.ITERATING
+        self._start_round(self._round + 1, now, dirty)
+        return actions
+
+    def _predict_downtime_ms(self, remaining: int) -> float:
+        if remaining == 0:
+            return 0.0
+        if self._bandwidth <= 0:
+            return math.inf
+        return remaining / self._bandwidth * 1000
+
+    def _converge(self, remaining: int) -> list[Action]:
+        """The convergence policy, run after every round that cannot switch over yet."""
+        if remaining < self._best_remaining * _PROGRESS:
+            self._best_remaining = remaining
+            self._rounds_without_progress = 0
+            return []
+        self._rounds_without_progress += 1
+        if not self._escalating and self._rounds_without_progress < self.options.stall_rounds:
+            return []
+        self._escalating = True
+        if self.options.auto_converge and self._throttle < THROTTLE_MAX:
+            if self._throttle == 0:
+                self._throttle = THROTTLE_FIRST
+            else:
+                self._throttle = min(self._throttle + THROTTLE_STEP, THROTTLE_MAX)
+            return [SetThrottle(self._throttle)]
+        ceiling = self.options.max_downtime_max_ms
+        if self._budget_ms < ceiling:
+            step = (ceiling - self.options.max_downtime_ms) / self.options.downtime_steps
+            self._budget_ms = min(self._budget_ms + step, ceiling)
+            return []
+        mib = remaining / (1 << 20)
+        rate = self._bandwidth / 1e6
+        return self._stop(
+            Phase.CANCELLED,
+            f"migration did not converge: {mib:.1f} MiB still dirty after round "
+            f"{self._round} at {rate:.1f} MB/s, with the vCPU throttled {self._throttle}% "
+            f"and a downtime budget of {self._budget_ms:g} ms",
+        )
+
+    # --------------------------------------------------------------------- switchover
+
+    def _begin_switchover(self, now: float, dirty: np.ndarray) -> list[Action]:
+        self.phase = Phase.SWITCHOVER
+        self._paused = True
+        self._pause_time = now
+        self._final_fetch_done = False
+        self._start_round(self._round + 1, now, dirty)
+        return [PauseVM()]
+
+    def _poll_switchover(self) -> list[Action]:
+        if not self._final_fetch_done:
+            # The driver has paused the vCPU (PauseVM came first), so this set is final.
+            last = np.asarray(self._dirty_log.fetch_and_reset(), dtype=np.int64)
+            self._sync_count += 1
+            self._todo = np.union1d(self._todo[self._todo_pos :], last)
+            self._todo_pos = 0
+            self._final_fetch_done = True
+        if not self._round_exhausted():
+            if self._credit <= 0:
+                return []
+            batch = self._next_pages(self._round)
+            if batch is not None:
+                return [self._emit(batch)]
+        try:
+            state = msgpack.packb(self._save_device_state(), use_bin_type=True)
+        except Exception as exc:
+            # A device that cannot save its state is a local fault: keep the VM here.
+            return self._stop(Phase.FAILED, f"saving device state failed: {exc}")
+        self.phase = Phase.WAIT_RESUMED
+        self._complete_time = self._clock()
+        self._transferred += len(state)
+        return [
+            SendMessage(DeviceState(state)),
+            SendMessage(Complete(digest=self.digest.value)),
+        ]
+
+    # -------------------------------------------------------------------- endings
+
+    def _complete(self, now: float, resumed_at: float) -> list[Action]:
+        self.phase = Phase.COMPLETED
+        self._end_time = now
+        self._resumed_at = resumed_at
+        self._stop_logging()
+        return [
+            Completed(
+                stats=self.stats(), paused_at=self._pause_time, resumed_at=resumed_at
+            )
+        ]
+
+    def _stop(self, phase: Phase, reason: str, send_abort: bool = True) -> list[Action]:
+        """End before the destination could run the guest: the source VM runs on."""
+        actions: list[Action] = []
+        if send_abort and self.phase is not Phase.SETUP:
+            actions.append(SendMessage(Abort(reason)))
+        self._stop_logging()
+        if self._throttle:
+            self._throttle = 0
+            actions.append(SetThrottle(0))
+        if self._paused:
+            self._paused = False
+            actions.append(ResumeVM())
+        self.phase = phase
+        self.reason = reason
+        self._end_time = self._clock()
+        actions.append(Cancelled(reason) if phase is Phase.CANCELLED else Failed(reason))
+        return actions
+
+    def _unknown(self, reason: str) -> list[Action]:
+        self._stop_logging()
+        self.phase = Phase.OUTCOME_UNKNOWN
+        self.reason = reason
+        self._end_time = self._clock()
+        return [OutcomeUnknown(reason)]
+
+    def _protocol_error(self, what: str) -> list[Action]:
+        if self.phase in (Phase.WAIT_RESUMED, Phase.CANCELLING):
+            return self._unknown(f"protocol error from the destination: {what}")
+        return self._stop(Phase.FAILED, f"protocol error from the destination: {what}")
+
+    def _stop_logging(self) -> None:
+        if self._logging:
+            self._logging = False
+            self._dirty_log.disable()
