@@ -40,6 +40,7 @@
 #else
 
 #include "guest.h"
+#include "isa_modes.h"
 
 /* Every program defines its name: `const char isa_name[] = "zicsr";`. */
 extern const char isa_name[];
@@ -67,10 +68,29 @@ struct trap_record {
     uint64_t cause;
     uint64_t epc;
     uint64_t tval;
+    uint64_t status;    /* mstatus (or sstatus) as the handler found it */
     uint64_t count;
 };
 extern volatile struct trap_record last_trap;
 extern volatile int trap_expected;
+
+/* The same for traps delegated to S-mode (stvec = s_trap_entry). */
+extern volatile struct trap_record s_last_trap;
+extern volatile int s_trap_expected;
+extern int (*isa_s_trap_hook)(struct trap_frame *frame);
+
+/*
+ * Runs `insn` (a string of assembly) expecting exactly one trap, recorded in
+ * `rec`, at that instruction; `at` gets the instruction's address.
+ */
+#define RUN_TRAPPING(rec, expected_flag, at, insn)                                          \
+    do {                                                                                    \
+        uint64_t before_ = (rec).count;                                                     \
+        (expected_flag) = 1;                                                                \
+        __asm__ volatile("lla %0, 1f\n1: " insn : "=&r"(at)::"memory");                     \
+        if ((rec).count != before_ + 1)                                                     \
+            isa_fail(isa_current);                                                          \
+    } while (0)
 
 /* A program's own trap logic; returns nonzero when it handled the trap. */
 extern int (*isa_trap_hook)(struct trap_frame *frame);
