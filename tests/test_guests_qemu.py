@@ -84,7 +84,7 @@ def test_cpubench_prints_result_and_instruction_count() -> None:
     assert re.search(r"^cpubench: result=0x[0-9a-f]{16} instret=\d+$", output, re.MULTILINE)
 
 
-ISA_PROGRAMS = ["rv64i", "rv64m", "rv64a", "rv64c", "zicsr", "traps"]
+ISA_PROGRAMS = ["rv64i", "rv64m", "rv64a", "rv64c", "zicsr", "traps", "sv39", "interrupts"]
 
 
 @pytest.mark.parametrize("name", ISA_PROGRAMS)
