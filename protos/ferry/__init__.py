@@ -1,0 +1,1 @@
+"""The ``ferry`` proto namespace; versions live in subpackages (``v1``)."""
