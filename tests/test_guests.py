@@ -41,7 +41,7 @@ def test_checksums_match_committed_images() -> None:
 
 def test_expected_images_are_committed() -> None:
     sums = read_sums(BUILD / "SHA256SUMS")
-    for name in ("hello.elf", "ticker.elf", "dirtier.elf", "cpubench.elf"):
+    for name in ("hello.elf", "ticker.elf", "dirtier.elf", "cpubench.elf", "sbi-hello.elf"):
         assert name in sums
 
 

@@ -10,7 +10,7 @@ import itertools
 import re
 
 import pytest
-from qemu import guest_image, qemu_available, run_qemu
+from qemu import OPENSBI_FW_JUMP, guest_image, qemu_available, run_qemu
 
 pytestmark = pytest.mark.skipif(not qemu_available(), reason="qemu-system-riscv64 not installed")
 
@@ -100,3 +100,20 @@ def test_isa_program_passes_without_floating_point(name: str) -> None:
         guest_image(f"isa/{name}"), extra_args=["-cpu", "rv64,f=false,d=false"]
     )
     assert (status, output) == (0, f"PASS {name}\n")
+
+
+def test_sbi_hello_runs_under_opensbi_and_shuts_down() -> None:
+    if not OPENSBI_FW_JUMP.exists():
+        pytest.skip(f"{OPENSBI_FW_JUMP} not installed")
+    status, output = run_qemu(guest_image("sbi-hello"), bios=OPENSBI_FW_JUMP)
+    assert status == 0, output
+    lines = [line for line in output.splitlines() if line.startswith("sbi-hello:")]
+    assert lines[0] == "sbi-hello: S-mode payload on hart 0"
+    assert re.fullmatch(r"sbi-hello: SBI specification \d+\.\d+", lines[1])
+    assert re.fullmatch(r"sbi-hello: extensions TIME=yes .* SRST=yes DBCN=(yes|no)", lines[2])
+    assert lines[4:] == [
+        "sbi-hello: timer interrupt 1",
+        "sbi-hello: timer interrupt 2",
+        "sbi-hello: timer interrupt 3",
+        "sbi-hello: shutting down through SRST",
+    ]
