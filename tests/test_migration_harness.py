@@ -223,6 +223,8 @@ class Loopback:
         self.to_dest: deque[Message] = deque()
         self.to_source: deque[Message] = deque()
         self.connected = True
+        # A stalled destination reads nothing: messages pile up on the wire.
+        self.destination_stalled = False
 
     def _save(self) -> dict[str, Any]:
         assert self.guest.paused, "device state saved while the vCPU runs"
@@ -263,7 +265,7 @@ class Loopback:
             while actions := self.sender.poll():
                 self.source_do(actions)
                 progressed = True
-        while self.to_dest:
+        while self.to_dest and not self.destination_stalled:
             msg = self.to_dest.popleft()
             size = wire_size(msg) if isinstance(msg, Pages) else 64
             self.clock.advance(size / self.link_bandwidth)
@@ -280,8 +282,11 @@ class Loopback:
         self.guest.run_slice()
         if not progressed:
             ready = self.sender.ready_at
-            self.clock.now = max(self.clock.now + 1e-3, ready or 0.0)
+            # Nothing to do until a timeout or pacing: let a little time pass.
+            self.clock.now = max(self.clock.now + 0.05, ready or 0.0)
         self.source_do(self.sender.tick())
+        if not self.receiver.finished:
+            self.dest_do(self.receiver.tick())
         return progressed
 
     def start(self) -> None:
@@ -300,7 +305,8 @@ class Loopback:
         for _ in range(max_steps):
             if until is not None and until(self):
                 return self.outcome
-            if self.sender.finished and not self.to_dest and not self.to_source:
+            wire_idle = not self.to_source and (not self.to_dest or self.destination_stalled)
+            if self.sender.finished and wire_idle:
                 return self.outcome
             self.step(tamper)
         raise AssertionError(f"migration still in phase {self.sender.phase} after {max_steps}")

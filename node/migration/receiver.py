@@ -199,8 +199,7 @@ class MigrationReceiver:
         if hello.ram_size != self._ram_size:
             return self._refuse(
                 RefusalReason.RAM_SIZE,
-                f"source VM has {hello.ram_size} bytes of RAM, the prepared VM "
-                f"{self._ram_size}",
+                f"source VM has {hello.ram_size} bytes of RAM, the prepared VM {self._ram_size}",
             )
         if hello.config_hash != self._config_hash:
             return self._refuse(
@@ -253,8 +252,7 @@ class MigrationReceiver:
         ours = self.digest.value
         if message.digest != ours:
             raise _Invalid(
-                f"memory digest mismatch: source {message.digest:#018x}, "
-                f"destination {ours:#018x}"
+                f"memory digest mismatch: source {message.digest:#018x}, destination {ours:#018x}"
             )
         assert self._state is not None
         try:

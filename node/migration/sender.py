@@ -589,8 +589,10 @@ class MigrationSender:
 
     def _end_round(self, now: float) -> list[Action]:
         duration = max(now - self._round_start, 1e-9)
-        if self._round_bytes and self._round_acked_bytes < _MIN_BANDWIDTH_SAMPLE and (
-            self._bandwidth <= 0
+        if (
+            self._round_bytes
+            and self._round_acked_bytes < _MIN_BANDWIDTH_SAMPLE
+            and (self._bandwidth <= 0)
         ):
             # Only small rounds so far: a latency-bound figure beats none.
             self._bandwidth = self._round_bytes / duration
@@ -707,11 +709,7 @@ class MigrationSender:
         self._end_time = now
         self._resumed_at = resumed_at
         self._stop_logging()
-        return [
-            Completed(
-                stats=self.stats(), paused_at=self._pause_time, resumed_at=resumed_at
-            )
-        ]
+        return [Completed(stats=self.stats(), paused_at=self._pause_time, resumed_at=resumed_at)]
 
     def _stop(self, phase: Phase, reason: str, send_abort: bool = True) -> list[Action]:
         """End before the destination could run the guest: the source VM runs on."""
