@@ -74,6 +74,7 @@ class WorkerStatus(_message.Message):
     GUEST_SECONDS_FIELD_NUMBER: _builtins.int
     CONSOLE_BYTES_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     state: _types_pb2.VMState.ValueType
     failure: _builtins.str
@@ -83,6 +84,10 @@ class WorkerStatus(_message.Message):
     guest_seconds: _builtins.float
     console_bytes: _builtins.int
     pid: _builtins.int
+    @_builtins.property
+    def spec(self) -> _types_pb2.VMSpec:
+        """The VM's hardware as the worker built it (a restored snapshot brings its own)."""
+
     def __init__(
         self,
         *,
@@ -95,10 +100,11 @@ class WorkerStatus(_message.Message):
         guest_seconds: _builtins.float = ...,
         console_bytes: _builtins.int = ...,
         pid: _builtins.int = ...,
+        spec: _types_pb2.VMSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "exit_code", b"exit_code"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "exit_code", b"exit_code", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "console_bytes", b"console_bytes", "exit_code", b"exit_code", "failure", b"failure", "guest_seconds", b"guest_seconds", "instret", b"instret", "mips", b"mips", "name", b"name", "pid", b"pid", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "console_bytes", b"console_bytes", "exit_code", b"exit_code", "failure", b"failure", "guest_seconds", b"guest_seconds", "instret", b"instret", "mips", b"mips", "name", b"name", "pid", b"pid", "spec", b"spec", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015

@@ -1,0 +1,369 @@
+"""The VMM worker: one OS process per VM, started and supervised by the node agent.
+
+A process per VM is what keeps one guest's crash (or an emulator bug) from taking the agent
+or other VMs down, and what lets several VMs use several cores despite the GIL. The vCPU
+runs in slices inside the trio loop (DESIGN §6): between slices the loop serves the agent's
+commands and console readers, so nothing needs a lock. gRPC handlers run in grpcio's
+threads and only ever hop into that loop with ``trio.from_thread.run``.
+
+The worker writes its own pid file and holds a lock on its VM directory while it lives, and
+writes ``status.json`` when its VM ends, so an agent that restarts finds it again (or learns
+how it ended) from the data directory alone.
+
+Exit statuses: 0 the VM ended (its state is in status.json), 3 the VM could not be built
+(the message is in status.json), 4 another worker already runs this VM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import math
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import trio
+
+from node.console import ConsoleLog
+from node.vmdir import VMDir
+from protos.ferry.v1 import types_pb2, worker_pb2, worker_pb2_grpc
+from vmcore.loader import LoaderError
+from vmcore.vm import VM, VMConfig, VMState, VMStateError
+
+SLICE_INSTRUCTIONS = 20_000
+"""Instructions per slice: ~1-2 ms of guest time, short enough that commands and console
+readers are served promptly, long enough that the loop's own overhead stays small."""
+
+EXIT_LOAD_FAILED = 3
+EXIT_ALREADY_RUNNING = 4
+
+STATE_TO_PROTO = {
+    VMState.CREATED: types_pb2.VM_STATE_CREATED,
+    VMState.RUNNING: types_pb2.VM_STATE_RUNNING,
+    VMState.PAUSED: types_pb2.VM_STATE_PAUSED,
+    VMState.STOPPED: types_pb2.VM_STATE_STOPPED,
+    VMState.INCOMING: types_pb2.VM_STATE_INCOMING,
+    VMState.FAILED: types_pb2.VM_STATE_FAILED,
+}
+
+T = TypeVar("T")
+
+
+class CommandError(Exception):
+    """A command the VM refuses; carried to the agent as a gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Worker:
+    """One VM and its console, driven from the trio loop."""
+
+    def __init__(self, name: str, vm: VM, console: ConsoleLog) -> None:
+        self.name = name
+        self.vm = vm
+        self.console = console
+        self._wake = trio.Event()
+        self.ended = trio.Event()
+
+    def spec(self) -> types_pb2.VMSpec:
+        cfg = self.vm.config
+        return types_pb2.VMSpec(
+            name=self.name,
+            memory_bytes=cfg.memory,
+            vcpus=1,
+            kernel=cfg.kernel or "",
+            bios=cfg.bios,
+            append=cfg.append,
+            deterministic=cfg.deterministic,
+        )
+
+    def status(self) -> worker_pb2.WorkerStatus:
+        stats = self.vm.stats()
+        status = worker_pb2.WorkerStatus(
+            name=self.name,
+            state=STATE_TO_PROTO[self.vm.state],
+            failure=self.vm.failure or "",
+            instret=stats["instret"],
+            mips=stats["mips"],
+            guest_seconds=stats["guest_seconds"],
+            console_bytes=self.console.total,
+            pid=os.getpid(),
+            spec=self.spec(),
+        )
+        if self.vm.exit_code is not None:
+            status.exit_code = self.vm.exit_code
+        return status
+
+    def wake(self) -> None:
+        """Interrupt an idle or paused wait: a command or input may have changed things."""
+        self._wake.set()
+
+    async def _sleep(self, seconds: float | None) -> None:
+        # An event set by a command that ran before this wait began still counts, so no
+        # wake-up is ever lost; the price is an occasional spurious one.
+        with trio.move_on_after(math.inf if seconds is None else seconds):
+            await self._wake.wait()
+        self._wake = trio.Event()
+
+    async def run(self) -> None:
+        """Run the vCPU whenever the VM is running, until it stops or fails."""
+        try:
+            while True:
+                state = self.vm.state
+                if state is VMState.RUNNING:
+                    try:
+                        result = self.vm.run_slice(SLICE_INSTRUCTIONS)
+                    except Exception as e:  # VMFailure, or a bug that escaped it
+                        if self.vm.state is not VMState.FAILED:
+                            self.vm.fail(f"{type(e).__name__}: {e}")
+                        break
+                    finally:
+                        self.console.flush()
+                    if result.reason in ("poweroff", "fail"):
+                        break
+                    if result.reason == "idle":
+                        await self._sleep(result.idle_seconds)
+                    else:
+                        await trio.sleep(0)
+                elif state in (VMState.STOPPED, VMState.FAILED):
+                    break
+                else:
+                    await self._sleep(None)
+        finally:
+            self.console.flush()
+            self.ended.set()
+
+    # -- commands (run in the trio loop) ---------------------------------------------------
+
+    async def control(self, action: int, timeout: float) -> worker_pb2.WorkerStatus:
+        try:
+            if action == worker_pb2.WORKER_ACTION_START:
+                self.vm.start()
+            elif action == worker_pb2.WORKER_ACTION_PAUSE:
+                self.vm.pause()
+            elif action == worker_pb2.WORKER_ACTION_RESUME:
+                self.vm.resume()
+            elif action == worker_pb2.WORKER_ACTION_STOP:
+                await self.stop(timeout)
+            elif action == worker_pb2.WORKER_ACTION_FORCE_STOP:
+                await self.stop(0.0)
+            else:
+                raise CommandError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown action {action}")
+        except VMStateError as e:
+            raise CommandError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+        self.wake()
+        return self.status()
+
+    async def stop(self, timeout: float) -> None:
+        """Ask the guest to power off; hold the power button once ``timeout`` runs out."""
+        if self.vm.state in (VMState.STOPPED, VMState.FAILED):
+            return
+        if timeout > 0 and self.vm.state is VMState.RUNNING and self.vm.request_poweroff():
+            self.wake()
+            with trio.move_on_after(timeout):
+                await self.ended.wait()
+        if self.vm.state not in (VMState.STOPPED, VMState.FAILED):
+            self.vm.stop()
+        self.wake()
+        await self.ended.wait()
+
+    async def snapshot(self, path: str) -> int:
+        try:
+            return self.vm.snapshot(path)
+        except VMStateError as e:
+            raise CommandError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+        except OSError as e:
+            raise CommandError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"cannot write snapshot {path}: {e.strerror}"
+            ) from None
+
+    async def send_input(self, data: bytes) -> None:
+        self.vm.send_input(data)
+        self.wake()
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    """The agent's channel into the worker; every call hops into the trio loop."""
+
+    def __init__(self, worker: Worker, token: trio.lowlevel.TrioToken) -> None:
+        self._worker = worker
+        self._token = token
+
+    def _call(
+        self, context: grpc.ServicerContext, fn: Callable[..., Awaitable[T]], *args: Any
+    ) -> T:
+        try:
+            return trio.from_thread.run(fn, *args, trio_token=self._token)
+        except CommandError as e:
+            context.abort(e.code, str(e))
+        except trio.RunFinishedError:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the VM's worker is shutting down")
+        raise AssertionError("context.abort() returns only by raising")
+
+    def GetStatus(
+        self, request: worker_pb2.WorkerStatusRequest, context: grpc.ServicerContext
+    ) -> worker_pb2.WorkerStatus:
+        async def status() -> worker_pb2.WorkerStatus:
+            return self._worker.status()
+
+        return self._call(context, status)
+
+    def Control(
+        self, request: worker_pb2.WorkerCommand, context: grpc.ServicerContext
+    ) -> worker_pb2.WorkerStatus:
+        return self._call(context, self._worker.control, request.action, request.timeout_seconds)
+
+    def Snapshot(
+        self, request: worker_pb2.WorkerSnapshotRequest, context: grpc.ServicerContext
+    ) -> worker_pb2.WorkerSnapshotResponse:
+        size = self._call(context, self._worker.snapshot, request.path)
+        return worker_pb2.WorkerSnapshotResponse(size_bytes=size)
+
+    def ConsoleInput(
+        self, request: worker_pb2.WorkerConsoleInput, context: grpc.ServicerContext
+    ) -> worker_pb2.WorkerStatus:
+        self._call(context, self._worker.send_input, request.data)
+        return worker_pb2.WorkerStatus()
+
+    def ConsoleOutput(
+        self, request: worker_pb2.WorkerConsoleRequest, context: grpc.ServicerContext
+    ) -> Iterator[worker_pb2.WorkerConsoleChunk]:
+        console = self._worker.console
+
+        async def resolve() -> int:
+            return console.resolve(request.offset)
+
+        offset = self._call(context, resolve)
+        while context.is_active():
+            try:
+                start, data, ended = trio.from_thread.run(
+                    console.wait_read, offset, 1.0, trio_token=self._token
+                )
+            except trio.RunFinishedError:
+                return
+            if data:
+                yield worker_pb2.WorkerConsoleChunk(offset=start, data=data)
+                offset = start + len(data)
+            elif ended or not request.follow:
+                return
+
+
+def _build_vm(args: argparse.Namespace, vm_dir: VMDir, console: ConsoleLog) -> VM:
+    if args.restore:
+        return VM.restore_snapshot(args.restore, console=console.write)
+    spec = vm_dir.read_spec()
+    config = VMConfig(
+        kernel=spec.kernel,
+        memory=spec.memory_bytes,
+        bios=spec.bios or "none",
+        append=spec.append,
+        deterministic=spec.deterministic,
+    )
+    return VM(config, console=console.write)
+
+
+def _load_failure_status(args: argparse.Namespace, e: Exception) -> dict[str, Any]:
+    # What a user caused (a bad image, config or snapshot) is INVALID_ARGUMENT with the
+    # loader's own one-line message; anything else is a Ferry bug and says so.
+    if isinstance(e, (LoaderError, ValueError)) or args.restore:
+        return {"phase": "load", "code": "INVALID_ARGUMENT", "error": str(e)}
+    return {"phase": "load", "code": "INTERNAL", "error": f"{type(e).__name__}: {e}"}
+
+
+def _final_status(worker: Worker) -> dict[str, Any]:
+    stats = worker.vm.stats()
+    return {
+        "phase": "final",
+        "state": worker.vm.state.value,
+        "exit_code": worker.vm.exit_code,
+        "failure": worker.vm.failure or "",
+        "instret": stats["instret"],
+        "guest_seconds": stats["guest_seconds"],
+        "console_bytes": worker.console.total,
+    }
+
+
+async def _serve(args: argparse.Namespace, vm_dir: VMDir) -> int:
+    console = ConsoleLog(vm_dir.console_log, args.console_buffer)
+    try:
+        vm = _build_vm(args, vm_dir, console)
+    except Exception as e:
+        console.close()
+        vm_dir.write_status(_load_failure_status(args, e))
+        print(f"ferry-worker: {e}", file=sys.stderr)
+        return EXIT_LOAD_FAILED
+    worker = Worker(args.name, vm, console)
+
+    with contextlib.suppress(FileNotFoundError):
+        vm_dir.socket.unlink()  # a dead predecessor's; the lock says none is alive
+    server = grpc.server(ThreadPoolExecutor(max_workers=8, thread_name_prefix="worker-grpc"))
+    worker_pb2_grpc.add_WorkerServicer_to_server(
+        WorkerServicer(worker, trio.lowlevel.current_trio_token()), server
+    )
+    server.add_insecure_port(f"unix:{vm_dir.socket}")
+    server.start()
+    if args.start:
+        worker.vm.start()
+
+    async with trio.open_nursery() as nursery:
+
+        async def on_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    nursery.start_soon(worker.stop, 0.0)
+
+        nursery.start_soon(on_signals)
+        await worker.run()
+        vm_dir.write_status(_final_status(worker))
+        console.close()
+        # Let console followers drain the last bytes before the socket goes away.
+        await trio.to_thread.run_sync(lambda: server.stop(2.0).wait())
+        nursery.cancel_scope.cancel()
+    with contextlib.suppress(FileNotFoundError):
+        vm_dir.socket.unlink()
+    return 0
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m node.worker", description="Run one VM for ferry-node (not for users)."
+    )
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--console-buffer", type=int, default=1 << 20)
+    parser.add_argument("--restore", help="build the VM from this snapshot file (paused)")
+    parser.add_argument("--start", action="store_true", help="start the VM once built")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    vm_dir = VMDir(args.data_dir.resolve(), args.name)
+    vm_dir.create()
+    lock_fd = os.open(vm_dir.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"ferry-worker: VM {args.name} already has a running worker", file=sys.stderr)
+        return EXIT_ALREADY_RUNNING
+    with contextlib.suppress(FileNotFoundError):
+        vm_dir.status_file.unlink()
+    vm_dir.pid_file.write_text(f"{os.getpid()}\n")
+    try:
+        return trio.run(_serve, args, vm_dir)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            vm_dir.pid_file.unlink()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
