@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pty
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 import pytest
 from elfgen import EM_X86_64, echo_guest, finisher_guest, make_elf, spin_guest
 
+from vmcore.cli import main
 from vmcore.sizes import format_size, parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,15 +137,26 @@ def bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
     ]
 
 
-def test_bad_inputs_are_one_line_errors_with_status_2(tmp_path: Path) -> None:
+def test_bad_inputs_are_one_line_errors_with_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     for args, message in bad_inputs(tmp_path):
-        done = ferry_vm("run", *args)
-        err = done.stderr.decode()
-        assert done.returncode == 2, (args, err)
+        with pytest.raises(SystemExit) as exited:
+            main(["run", *args])
+        out, err = capsys.readouterr()
+        assert exited.value.code == 2, (args, err)
         assert err.startswith("ferry-vm: error: "), (args, err)
         assert err.count("\n") == 1, (args, err)
         assert message in err, (args, err)
-        assert done.stdout == b""
+        assert out == ""
+
+
+def test_bad_input_through_the_real_command(tmp_path: Path) -> None:
+    done = ferry_vm("run", "--kernel", str(tmp_path / "absent.elf"))
+    assert done.returncode == 2
+    assert (
+        done.stderr == f"ferry-vm: error: kernel {tmp_path / 'absent.elf'}: no such file\n".encode()
+    )
 
 
 def test_help_describes_the_run_command() -> None:
@@ -157,3 +171,39 @@ def test_help_describes_the_run_command() -> None:
         b"--trace",
     ):
         assert option in done.stdout
+
+
+@pytest.mark.skipif(not HELLO.exists(), reason="guest images not built")
+def test_trace_logs_images_mmio_and_traps_to_stderr() -> None:
+    done = ferry_vm("run", "--kernel", str(TICKER), "--append", "ticks=1", "--trace")
+    assert done.returncode == 0
+    err = done.stderr.decode()
+    assert "loaded ticker.elf" in err
+    assert "mmio write 0x10000000/1" in err  # the UART transmitting
+    assert "trap interrupt (cause 0x8000000000000007)" in err  # the machine timer
+    assert b"tick 0" in done.stdout
+
+
+def test_terminal_input_reaches_the_uart(tmp_path: Path) -> None:
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "vmcore.cli",
+                "run",
+                "--kernel",
+                image(tmp_path, "e.elf", echo_guest()),
+            ],
+            stdin=slave,
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        os.write(master, b"tty q")
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert proc.returncode == 0
+    assert out == b"tty q"

@@ -20,7 +20,7 @@ import tty
 from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
-from vmcore.board import DEFAULT_MEMORY, Machine, MachineConfig
+from vmcore.board import DEFAULT_MEMORY, Machine, MachineConfig, describe_images
 from vmcore.loader import LoaderError
 from vmcore.sizes import parse_size
 
@@ -153,7 +153,7 @@ class _Console:
             return
         saved = termios.tcgetattr(self.in_fd)
         try:
-            tty.setcbreak(self.in_fd)
+            tty.setcbreak(self.in_fd, termios.TCSANOW)  # keep type-ahead
             yield
         finally:
             termios.tcsetattr(self.in_fd, termios.TCSADRAIN, saved)
@@ -176,6 +176,9 @@ def run_vm(args: argparse.Namespace) -> int:
         machine = Machine(config, console=console.write, trace=_trace_log if args.trace else None)
     except LoaderError as e:
         _fail(str(e))
+    if args.trace:
+        for line in describe_images(machine).splitlines():
+            _trace_log(line)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     with console.raw_input():
         while True:
