@@ -13,10 +13,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from elftools.elf.constants import P_FLAGS
+from elftools.elf.elffile import ELFFile
 
 GUESTS = Path(__file__).resolve().parent.parent / "guests"
 BUILD = GUESTS / "build"
 CROSS_GCC = "riscv64-unknown-elf-gcc"
+EF_RISCV_RVC = 0x1
+EF_RISCV_FLOAT_ABI = 0x6
+S_MODE_IMAGES = {"sbi-hello.elf": 0x80200000}
+RAM_BASE = 0x80000000
 
 
 def read_sums(path: Path) -> dict[str, str]:
@@ -45,13 +51,38 @@ def test_expected_images_are_committed() -> None:
         assert name in sums
 
 
+@pytest.mark.parametrize("name", sorted(read_sums(BUILD / "SHA256SUMS")))
+def test_image_fits_the_board_and_the_isa(name: str) -> None:
+    """What the loaders rely on: RISC-V ELF64, entry where the board jumps, no FP."""
+    with (BUILD / name).open("rb") as f:
+        elf = ELFFile(f)
+        assert elf.elfclass == 64 and elf["e_machine"] == "EM_RISCV"
+        assert elf["e_type"] == "ET_EXEC"
+        assert elf["e_entry"] == S_MODE_IMAGES.get(name, RAM_BASE)
+        assert elf["e_flags"] & EF_RISCV_FLOAT_ABI == 0, "hard-float ABI"
+        assert elf["e_flags"] & EF_RISCV_RVC
+        loads = [seg for seg in elf.iter_segments() if seg["p_type"] == "PT_LOAD"]
+        assert loads
+        for seg in loads:
+            assert seg["p_paddr"] >= elf["e_entry"]
+            assert seg["p_filesz"] <= seg["p_memsz"]
+            assert not (seg["p_flags"] & P_FLAGS.PF_W and seg["p_flags"] & P_FLAGS.PF_X)
+        attributes = elf.get_section_by_name(".riscv.attributes")
+        assert attributes is not None
+        # Tag_RISCV_arch, e.g. "rv64i2p1_m2p0_a2p1_c2p0_zicsr2p0_zifencei2p0".
+        arch = attributes.data().split(b"rv64", 1)[1].split(b"\0", 1)[0].decode()
+        extensions = {part.rstrip("0123456789p") for part in arch.split("_")}
+        assert {"i", "m", "a", "c"} <= extensions
+        assert not extensions & {"f", "d", "q", "v"}, f"rv64{arch}"
+
+
 @pytest.mark.skipif(shutil.which(CROSS_GCC) is None, reason=f"{CROSS_GCC} not installed")
 def test_rebuild_from_clean_copy_is_byte_identical(tmp_path: Path) -> None:
     # A copy in another directory also proves no build path leaks into the images.
     copy = tmp_path / "guests-copy"
     shutil.copytree(GUESTS, copy, ignore=shutil.ignore_patterns("build"))
     done = subprocess.run(
-        ["make", "-s", "-C", str(copy)], capture_output=True, text=True, check=False
+        ["make", "-s", "-j2", "-C", str(copy)], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert (copy / "build" / "SHA256SUMS").read_text() == (BUILD / "SHA256SUMS").read_text()
