@@ -16,12 +16,16 @@ from typing import Any
 import numpy as np
 
 from node.migration import (
+    Abort,
     Action,
     Cancelled,
+    Complete,
     Completed,
+    DeviceState,
     DiscardVM,
     Failed,
     GuestRunning,
+    Hello,
     Message,
     MigrationOptions,
     MigrationReceiver,
@@ -32,8 +36,10 @@ from node.migration import (
     ResumeVM,
     SendMessage,
     SetThrottle,
+    wire,
 )
 from node.migration.encoding import wire_size
+from protos.ferry.v1 import migration_pb2 as pb
 
 PAGE = 4096
 TOKEN = b"one-time-token-0123456789abcdef"
@@ -193,8 +199,11 @@ class Loopback:
         device_state: dict[str, Any] | None = None,
         restore: Callable[[dict[str, Any]], None] | None = None,
         window: int = 4,
+        via_protobuf: bool = False,
     ) -> None:
         self.guest = guest
+        # Send every message through the protobuf mapping and its serialised bytes.
+        self.via_protobuf = via_protobuf
         self.clock = FakeClock()
         self.link_bandwidth = link_bandwidth
         self.device_state = device_state if device_state is not None else {"hart": {"pc": 1}}
@@ -238,7 +247,7 @@ class Loopback:
             if isinstance(action, SendMessage):
                 self.outcome.sent.append(action.message)
                 if self.connected:
-                    self.to_dest.append(action.message)
+                    self.to_dest.append(self._over_wire(action.message))
             elif isinstance(action, PauseVM):
                 assert not self.guest.paused
                 self.guest.paused = True
@@ -254,7 +263,16 @@ class Loopback:
         for action in actions:
             self.outcome.destination.append(action)
             if isinstance(action, SendMessage) and self.connected:
-                self.to_source.append(action.message)
+                self.to_source.append(self._over_wire(action.message))
+
+    def _over_wire(self, message: Message) -> Message:
+        if not self.via_protobuf:
+            return message
+        if isinstance(message, Hello | Pages | DeviceState | Complete | Abort):
+            data = wire.source_to_pb(message).SerializeToString()
+            return wire.source_from_pb(pb.SourceMessage.FromString(data))
+        data = wire.destination_to_pb(message).SerializeToString()
+        return wire.destination_from_pb(pb.DestinationMessage.FromString(data))
 
     # -- the loop
 

@@ -22,6 +22,8 @@ The modules, one concept each:
 * :mod:`.receiver` — Hello checks before any RAM moves, validated page application,
   digest and device-state verification, resume.
 * :mod:`.actions` — what the state machines ask of their driver.
+* :mod:`.wire` — the one-to-one mapping onto the protobuf messages (import it explicitly:
+  the core itself does not depend on protobuf).
 """
 
 from node.migration.actions import (

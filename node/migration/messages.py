@@ -39,6 +39,8 @@ class RefusalReason(StrEnum):
     PAGE_SIZE = "page-size"
     RAM_SIZE = "ram-size"
     CONFIG = "config"
+    # A reason this node does not know (a newer peer); still a refusal.
+    UNSPECIFIED = "unspecified"
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,10 @@ class Hello:
     ram_size: int
     page_size: int
     token: bytes
+    # The source VM's config (msgpack of VMConfig.to_dict()), for the destination's logs
+    # and diagnostics; compatibility is decided by config_hash.
+    board_config: bytes = b""
+    vm_name: str = ""
 
 
 def _no_pages() -> np.ndarray:

@@ -210,6 +210,8 @@ class MigrationSender:
         token: bytes,
         config_hash: str,
         ferry_version: str = "",
+        board_config: bytes = b"",
+        vm_name: str = "",
         options: MigrationOptions | None = None,
         clock: Callable[[], float] = time.monotonic,
         page_size: int = PAGE_SIZE,
@@ -233,6 +235,8 @@ class MigrationSender:
             ram_size=self._ram_size,
             page_size=page_size,
             token=token,
+            board_config=board_config,
+            vm_name=vm_name,
         )
         self._clock = clock
         self._policy = CompressionPolicy(self.options.compression, timer=compression_timer)
