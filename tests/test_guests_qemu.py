@@ -48,6 +48,13 @@ def test_ticker_prints_deterministic_ticks_then_passes() -> None:
     assert output.endswith("ticker: done after 5 ticks\n")
 
 
+def test_boot_arguments_are_matched_by_whole_key() -> None:
+    # Real command lines carry other words; "xticks=9" must not read as "ticks=9".
+    status, output = run_qemu(guest_image("ticker"), append="console=ttyS0 xticks=9 ticks=2 quiet")
+    assert status == 0, output
+    assert [n for n, _ in ticks(output)] == [0, 1]
+
+
 def test_dirtier_sum_changes_every_tick_when_writing() -> None:
     status, output = run_qemu(guest_image("dirtier"), append="wss=16 rate=1000 ticks=5")
     assert status == 0, output
@@ -64,6 +71,13 @@ def test_dirtier_sum_is_constant_when_idle() -> None:
     got = ticks(output)
     assert [n for n, _ in got] == list(range(5))
     assert len({s for _, s in got}) == 1
+
+
+def test_dirtier_reads_fraction_and_run_time() -> None:
+    status, output = run_qemu(guest_image("dirtier"), append="wss=2 rate=5 hot=0.25 time=1")
+    assert status == 0, output
+    assert output.startswith("dirtier: wss=2MiB pages=512 rate=5/ms hot=0.25\n")
+    assert [n for n, _ in ticks(output)] == list(range(10))
 
 
 def test_dirtier_catches_a_corrupted_page() -> None:
