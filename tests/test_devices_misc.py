@@ -85,3 +85,9 @@ def test_deterministic_clock_counts_instructions_across_restore() -> None:
     assert clone.mtime() == 5010
     with pytest.raises(ValueError, match="real-time"):
         clone.restore(GuestClock().save())
+
+
+def test_finisher_accepts_opensbi_halfword_poweroff() -> None:
+    events: list[FinisherEvent] = []
+    TestFinisher(events.append).write(0, 2, 0x5555)
+    assert events == [FinisherEvent("poweroff")]
