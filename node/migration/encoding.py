@@ -57,7 +57,7 @@ def compress(encoding: Encoding, raw: bytes | memoryview) -> bytes:
     raise ValueError(f"{encoding} is not a compression")
 
 
-def decompress(encoding: str, payload: bytes, expected_size: int) -> bytes:
+def decompress(encoding: str, payload: bytes | memoryview, expected_size: int) -> bytes:
     """Decompress ``payload`` that must expand to exactly ``expected_size`` bytes.
 
     Never allocates more than ``expected_size`` (plus codec overhead) whatever the input says.
@@ -142,7 +142,7 @@ def decode_batch(batch: Pages, page_count: int, page_size: int = PAGE_SIZE) -> D
             raise BatchError(
                 f"raw payload is {len(payload)} bytes, {len(pages)} pages need {expected}"
             )
-        raw: bytes = payload
+        raw: bytes | memoryview = payload
     elif batch.encoding in (Encoding.ZSTD, Encoding.LZ4):
         if not pages.size:
             if payload:
@@ -202,21 +202,24 @@ class CompressionPolicy:
         # Seconds spent compressing, so bandwidth measurement can leave it out.
         self.busy_seconds = 0.0
 
-    def encode(self, data: np.ndarray, link_bandwidth: float) -> tuple[Encoding, bytes]:
+    def encode(
+        self, data: np.ndarray, link_bandwidth: float
+    ) -> tuple[Encoding, bytes | memoryview]:
         """Pack the rows of ``data`` (pages) for a link of ``link_bandwidth`` bytes/s.
 
-        ``link_bandwidth`` 0 means not measured yet.
+        ``link_bandwidth`` 0 means not measured yet. A raw payload is a view of ``data``
+        (no copy): the caller hands over an array it no longer changes.
         """
         raw = np.ascontiguousarray(data).reshape(-1).data
         if self.mode == "none" or not len(raw):
-            return Encoding.RAW, raw.tobytes()
+            return Encoding.RAW, raw
         if self.mode == "auto":
             self._batches += 1
             if self._batches % self.SAMPLE_EVERY == 1:
                 self._sample(data)
             codec = self._best_codec(link_bandwidth)
             if codec is None:
-                return Encoding.RAW, raw.tobytes()
+                return Encoding.RAW, raw
         else:
             codec = Encoding(self.mode)
         t0 = self._timer()
@@ -225,7 +228,7 @@ class CompressionPolicy:
         self.busy_seconds += spent
         self._estimates[codec].record(len(raw), len(packed), spent)
         if len(packed) >= len(raw):
-            return Encoding.RAW, raw.tobytes()
+            return Encoding.RAW, raw
         return codec, packed
 
     def _sample(self, data: np.ndarray) -> None:

@@ -520,11 +520,14 @@ class MigrationSender:
             self._round_zero += int(zero.sum())
             zero_pages = candidates[marker]
             keep = ~zero
-            numbers = candidates[keep]
-            contents = data[keep]
+            if keep.all():
+                numbers, contents = candidates, data
+            else:
+                numbers, contents = candidates[keep], data[keep]
             if not len(numbers) and not len(zero_pages):
                 continue
-            self.digest.set_hashes(numbers, page_hashes(numbers, contents))
+            hashes = page_hashes(numbers, contents, nonzero=np.ones(len(numbers), dtype=bool))
+            self.digest.set_hashes(numbers, hashes)
             self.digest.update_zero(zero_pages)
             encoding, payload = self._policy.encode(contents, self._link_bandwidth())
             if encoding != "raw":
