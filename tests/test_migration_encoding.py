@@ -29,7 +29,7 @@ def random_pages(n: int, seed: int = 0) -> np.ndarray:
 
 def batch(
     numbers: list[int] | np.ndarray,
-    payload: bytes,
+    payload: bytes | memoryview,
     encoding: str = "raw",
     zeros: list[int] | np.ndarray | None = None,
 ) -> Pages:

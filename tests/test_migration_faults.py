@@ -317,3 +317,12 @@ def test_guest_writes_after_a_failed_migration_are_not_logged() -> None:
     lb.drop_connection()
     lb.guest.write(np.array([1, 2, 3]))
     assert not lb.guest.log.bitmap.any()
+
+
+def test_nonsense_field_types_from_the_destination_fail_cleanly() -> None:
+    lb = busy_loopback()
+    run_until_phase(lb, "round-0")
+    lb.source_do(lb.sender.receive(Ack(acked_seq="1", credit=1)))  # type: ignore[arg-type]
+    end = lb.outcome.source_end
+    assert isinstance(end, Failed) and "invalid Ack" in end.reason
+    assert_source_runs_on(lb, Failed)

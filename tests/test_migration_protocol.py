@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_migration_harness import PAGE, FakeGuest, Loopback
 
+import node.migration.sender as sender_module
 from node.migration import (
     Completed,
     DeviceState,
@@ -185,3 +187,26 @@ def test_destination_ram_equals_source_ram_for_any_dirtying_schedule(
         assert lb.sender.phase == "cancelled", end
         assert not guest.paused
         assert outcome.destination_discarded
+
+
+def test_scanning_zero_ram_yields_to_the_guest_between_chunks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sender_module, "_SCAN_CHUNK", 8)
+    monkeypatch.setattr(sender_module, "_SCAN_CHUNKS_PER_POLL", 2)
+    guest = FakeGuest(256, filled=0)
+    guest.pages[255] = 1
+    lb = Loopback(guest)
+    lb.start()
+    lb.source_do(lb.sender.receive(lb.receiver.receive(lb.to_dest.popleft())[0].message))  # type: ignore[union-attr]
+    yields = 0
+    while not lb.outcome.sent or not isinstance(lb.outcome.sent[-1], Pages):
+        actions = lb.sender.poll()
+        if not actions:
+            # Nothing to send yet, but the sender asks to be polled again right away.
+            assert lb.sender.ready_at == lb.clock.now
+            yields += 1
+        lb.source_do(actions)
+    assert yields == 256 // (8 * 2) - 1
+    lb.run()
+    assert_migrated(lb)

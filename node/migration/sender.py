@@ -85,6 +85,9 @@ from node.migration.messages import (
 # Pages scanned for zeros per step of round 0: ~16 MiB, a couple of milliseconds, so the
 # scan interleaves with the guest instead of stalling it for the whole of RAM.
 _SCAN_CHUNK = 4096
+# Chunks scanned per poll() before yielding to the guest (~64 MiB, ~10 ms), so a mostly
+# zero RAM does not stall the vCPU for the whole scan.
+_SCAN_CHUNKS_PER_POLL = 16
 # A round is "progress" when it leaves at least this much less to send than the best so far.
 _PROGRESS = 0.9
 # A bandwidth figure from fewer bytes than this is mostly latency; keep the previous one.
@@ -272,6 +275,8 @@ class MigrationSender:
         self._round_zero = 0
         self._round_busy_start = 0.0
         self._final_fetch_done = False
+        self._scan_budget = 0
+        self._yielded = False
 
         # Measurements.
         self._bandwidth = 0.0
@@ -300,8 +305,13 @@ class MigrationSender:
 
     @property
     def ready_at(self) -> float | None:
-        """When pacing (``max_bandwidth``) next allows a batch, or None if it does not hold
-        one back. The driver waits until then (or for a message) before polling again."""
+        """When to poll again without waiting for a message, or None to wait for one.
+
+        Set when pacing (``max_bandwidth``) holds the next batch back, and (to "now") when
+        poll() yielded in the middle of scanning RAM so the guest could run a slice.
+        """
+        if self._yielded:
+            return self._clock()
         if not self._pacing() or self._pace_allows(self._clock()):
             return None
         return self._pace_start + self._pace_bytes / self.options.max_bandwidth
@@ -323,7 +333,15 @@ class MigrationSender:
         return []
 
     def receive(self, message: Message) -> list[Action]:
-        """Handle one message from the destination."""
+        """Handle one message from the destination. Never raises: nonsense is a failure."""
+        try:
+            return self._receive(message)
+        except Exception as exc:
+            return self._protocol_error(
+                f"invalid {type(message).__name__}: {type(exc).__name__}: {exc}"
+            )
+
+    def _receive(self, message: Message) -> list[Action]:
         now = self._clock()
         phase = self.phase
         if phase in _TERMINAL or phase is Phase.SETUP:
@@ -492,10 +510,14 @@ class MigrationSender:
         return pages * self._page_size
 
     def _next_candidates(self) -> np.ndarray | None:
-        """Up to a batch of pages to consider next, or None when the round has no more."""
+        """Up to a batch of pages to consider next; None when the round has no more or the
+        scan budget of this poll is spent (``_round_exhausted`` tells which)."""
         while self._todo_pos >= len(self._todo):
             if self._round != 0 or self._scan_pos >= self._page_count:
                 return None
+            if self._scan_budget <= 0:
+                return None
+            self._scan_budget -= 1
             # Round 0: find the next non-zero pages; zero pages match the zeroed destination.
             first = self._scan_pos
             last = min(first + _SCAN_CHUNK, self._page_count)
@@ -557,6 +579,8 @@ class MigrationSender:
 
     def _poll_round(self) -> list[Action]:
         now = self._clock()
+        self._yielded = False
+        self._scan_budget = _SCAN_CHUNKS_PER_POLL
         if self._round_exhausted():
             if self._acked_seq >= self._round_last_seq:
                 return self._end_round(now)
@@ -567,6 +591,10 @@ class MigrationSender:
             return []
         batch = self._next_pages(self._round)
         if batch is None:
+            if not self._round_exhausted():
+                # Scanned a lot of zero RAM: let the guest run, then continue (ready_at).
+                self._yielded = True
+                return []
             # Everything left in the round was zero on both sides.
             if self._acked_seq >= self._round_last_seq:
                 return self._end_round(now)
