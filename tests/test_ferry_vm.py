@@ -207,3 +207,33 @@ def test_terminal_input_reaches_the_uart(tmp_path: Path) -> None:
         os.close(slave)
     assert proc.returncode == 0
     assert out == b"tty q"
+
+
+@pytest.mark.skipif(not TICKER.exists(), reason="guest images not built")
+def test_snapshot_on_exit_restores_and_continues_the_tick_sequence(tmp_path: Path) -> None:
+    snap = str(tmp_path / "ticker.snap")
+    args = ["--append", "ticks=100000", "--deterministic"]
+    first = ferry_vm(
+        "run", "--kernel", str(TICKER), *args, "--timeout", "1", "--save-on-exit", snap
+    )
+    assert first.returncode == 124, first.stderr.decode()
+    assert b"saved snapshot" in first.stderr
+    second = ferry_vm("restore", snap, "--timeout", "1")
+    assert second.returncode == 124, second.stderr.decode()
+    both = first.stdout + second.stdout
+    ticks = both.count(b"\n")
+    assert first.stdout.count(b"\n") >= 1 and second.stdout.count(b"\n") >= 1
+    whole = ferry_vm(
+        "run", "--kernel", str(TICKER), "--append", f"ticks={ticks + 1}", "--deterministic"
+    )
+    assert whole.returncode == 0
+    assert whole.stdout.startswith(both)
+
+
+def test_restore_rejects_a_damaged_snapshot(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.snap"
+    bad.write_bytes(b"not a snapshot at all")
+    done = ferry_vm("restore", str(bad))
+    err = done.stderr.decode()
+    assert done.returncode == 2
+    assert err.startswith("ferry-vm: error: ") and err.count("\n") == 1, err

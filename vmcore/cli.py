@@ -13,19 +13,25 @@ import argparse
 import contextlib
 import os
 import select
+import signal
 import sys
 import termios
 import time
+import traceback
 import tty
 from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
-from vmcore.board import DEFAULT_MEMORY, Machine, MachineConfig, describe_images
+from vmcore.board import DEFAULT_MEMORY, MachineConfig, describe_images
 from vmcore.loader import LoaderError
 from vmcore.sizes import parse_size
+from vmcore.snapshot import SnapshotError
+from vmcore.vm import VM, VMFailure
 
 EXIT_TIMEOUT = 124
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+EXIT_EMULATOR_FAILURE = 70  # EX_SOFTWARE from sysexits.h
 SLICE = 200_000
 """Instructions between console polls: ~10-50 ms of guest work, so typing feels live."""
 
@@ -94,15 +100,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--append", default="", metavar="STR", help="kernel command line")
     run.add_argument(
-        "--timeout", type=_seconds, metavar="SEC", help="stop after SEC wall seconds, exit 124"
-    )
-    run.add_argument(
         "--deterministic",
         action="store_true",
         help="derive guest time from retired instructions, so every run prints the same bytes",
     )
-    run.add_argument("--trace", action="store_true", help="log traps and MMIO to stderr")
+    _add_session_options(run)
+
+    restore = commands.add_parser(
+        "restore",
+        help="continue a VM from a snapshot file",
+        description=(
+            "Continue a VM exactly where a snapshot left it (RAM, devices, guest time), with "
+            "the UART on this terminal and the same exit statuses as 'run'."
+        ),
+    )
+    restore.add_argument("snapshot", metavar="FILE", help="a snapshot written by ferry-vm")
+    _add_session_options(restore)
     return parser
+
+
+def _add_session_options(command: argparse.ArgumentParser) -> None:
+    """Options shared by every command that runs a guest in the foreground."""
+    command.add_argument(
+        "--timeout", type=_seconds, metavar="SEC", help="stop after SEC wall seconds, exit 124"
+    )
+    command.add_argument("--trace", action="store_true", help="log traps and MMIO to stderr")
+    command.add_argument(
+        "--save-on-exit",
+        metavar="FILE",
+        help=(
+            "write a snapshot to FILE when the run ends (timeout, Ctrl-C, guest exit); "
+            "SIGUSR1 also writes it and lets the guest continue"
+        ),
+    )
 
 
 class _Console:
@@ -173,38 +203,105 @@ def run_vm(args: argparse.Namespace) -> int:
     )
     console = _Console()
     try:
-        machine = Machine(config, console=console.write, trace=_trace_log if args.trace else None)
+        vm = VM(config, console.write, trace=_trace_log if args.trace else None)
     except LoaderError as e:
         _fail(str(e))
     if args.trace:
-        for line in describe_images(machine).splitlines():
+        for line in describe_images(vm.machine).splitlines():
             _trace_log(line)
+    vm.start()
+    return _foreground(vm, console, args)
+
+
+def restore_vm(args: argparse.Namespace) -> int:
+    console = _Console()
+    try:
+        vm = VM.restore_snapshot(
+            args.snapshot, console.write, trace=_trace_log if args.trace else None
+        )
+    except (SnapshotError, LoaderError) as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"{args.snapshot}: {e.strerror or e}")
+    vm.resume()
+    return _foreground(vm, console, args)
+
+
+class _SnapshotRequest:
+    """Set by SIGUSR1; the run loop writes the snapshot between slices, never mid-slice."""
+
+    def __init__(self) -> None:
+        self.pending = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.pending = True
+
+
+def _foreground(vm: VM, console: _Console, args: argparse.Namespace) -> int:
+    """Run ``vm`` with the console attached until it ends; returns the exit status."""
+    save_path: str | None = args.save_on_exit
+    request = _SnapshotRequest()
+    if save_path is not None:
+        signal.signal(signal.SIGUSR1, request)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
-    with console.raw_input():
-        while True:
-            result = machine.run_slice(SLICE)
-            if result.reason == "poweroff":
-                return 0
-            if result.reason == "fail":
-                return (result.exit_code & 0xFF) or 1
-            if result.reason == "reset":
-                machine.reset()
-                continue
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                return EXIT_TIMEOUT
-            wait = 0.0
-            if result.reason == "idle":
-                # Sleep until the guest's timer fires or input arrives, whichever is first.
-                wait = 3600.0
-                if result.idle_until is not None:
-                    # A deadline already past means the timer is masked: don't spin on it.
-                    wait = max(0.001, machine.seconds_until(result.idle_until))
-                if deadline is not None:
-                    wait = min(wait, deadline - now)
-            data = console.poll(max(0.0, wait))
-            if data:
-                machine.uart.feed(data)
+    status = EXIT_INTERRUPTED
+    try:
+        with console.raw_input():
+            status = _drive(vm, console, deadline, request, save_path)
+    except KeyboardInterrupt:
+        status = EXIT_INTERRUPTED
+    except VMFailure as e:
+        # A Ferry bug, not a guest or user error: say so in one line (the cause is chained
+        # for --trace users) and keep the guest's exit statuses unambiguous.
+        if args.trace:
+            traceback.print_exception(e.__cause__ or e, file=sys.stderr)
+        sys.stderr.write(f"ferry-vm: emulator failure: {e}\n")
+        save_path = None  # a failed VM has no consistent state to save
+        status = EXIT_EMULATOR_FAILURE
+    finally:
+        if save_path is not None:
+            _save(vm, save_path)
+    return status
+
+
+def _drive(
+    vm: VM,
+    console: _Console,
+    deadline: float | None,
+    request: _SnapshotRequest,
+    save_path: str | None,
+) -> int:
+    while True:
+        result = vm.run_slice(SLICE)
+        if result.reason == "poweroff":
+            return 0
+        if result.reason == "fail":
+            return ((result.exit_code or 0) & 0xFF) or 1
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            return EXIT_TIMEOUT
+        if request.pending and save_path is not None:
+            request.pending = False
+            _save(vm, save_path)  # pauses for the write and lets the guest continue
+        wait = 0.0
+        if result.reason == "idle":
+            # Sleep until the guest's timer fires or input arrives, whichever is first.
+            wait = 3600.0 if result.idle_seconds is None else max(0.001, result.idle_seconds)
+            if deadline is not None:
+                wait = min(wait, deadline - now)
+        data = console.poll(max(0.0, wait))
+        if data:
+            vm.send_input(data)
+
+
+def _save(vm: VM, path: str) -> None:
+    """Write a snapshot; a running VM keeps running afterwards (``VM.snapshot`` pauses)."""
+    try:
+        size = vm.snapshot(path)
+    except OSError as e:
+        _fail(f"cannot write snapshot {path}: {e.strerror or e}")
+    sys.stderr.write(f"ferry-vm: saved snapshot {path} ({size} bytes)\n")
+
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -212,8 +309,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return run_vm(args)
+        if args.command == "restore":
+            return restore_vm(args)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     _fail(f"unknown command {args.command!r}")
 
 
