@@ -64,8 +64,9 @@ static int probe(unsigned long ext)
 
 __attribute__((noreturn)) static void shutdown(unsigned long reason)
 {
-    sbi_call(EXT_SRST, SRST_RESET, SRST_SHUTDOWN, reason, 0);
-    /* Only reached if SRST is missing or refused. */
+    struct sbiret r = sbi_call(EXT_SRST, SRST_RESET, SRST_SHUTDOWN, reason, 0);
+    /* Only reached if the firmware refused or could not power off: say so, then stop here. */
+    kprintf("sbi-hello: SRST shutdown returned error %ld\n", r.error);
     for (;;)
         __asm__ volatile("wfi");
 }
