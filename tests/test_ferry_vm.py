@@ -17,6 +17,8 @@ from vmcore.sizes import format_size, parse_size
 ROOT = Path(__file__).resolve().parent.parent
 HELLO = ROOT / "guests" / "build" / "hello.elf"
 TICKER = ROOT / "guests" / "build" / "ticker.elf"
+SBI_HELLO = ROOT / "guests" / "build" / "sbi-hello.elf"
+FW_JUMP_BIN = Path("/usr/lib/riscv64-linux-gnu/opensbi/generic/fw_jump.bin")
 
 
 def ferry_vm(
@@ -134,6 +136,17 @@ def bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
         ),
         (["--kernel", image(tmp_path, "ok5.elf", good), "--append", "a\x01b"], "printable"),
         (["--bios", "none"], "--kernel"),
+        (
+            [
+                "--kernel",
+                image(
+                    tmp_path,
+                    "lap.elf",
+                    make_elf([(0x8000_0000, b"a" * 64, 64), (0x8000_0020, b"b", 1)]),
+                ),
+            ],
+            "overlaps",
+        ),
     ]
 
 
@@ -237,3 +250,14 @@ def test_restore_rejects_a_damaged_snapshot(tmp_path: Path) -> None:
     err = done.stderr.decode()
     assert done.returncode == 2
     assert err.startswith("ferry-vm: error: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.skipif(not FW_JUMP_BIN.exists(), reason="Debian's OpenSBI not installed")
+@pytest.mark.skipif(not SBI_HELLO.exists(), reason="guest images not built")
+def test_bios_path_loads_a_raw_firmware_at_ram_base() -> None:
+    done = ferry_vm(
+        "run", "--bios", str(FW_JUMP_BIN), "--kernel", str(SBI_HELLO), "--timeout", "60"
+    )
+    assert done.returncode == 0, done.stdout.decode(errors="replace")
+    assert b"OpenSBI v" in done.stdout
+    assert b"sbi-hello" in done.stdout
