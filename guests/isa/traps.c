@@ -8,6 +8,10 @@
 
 const char isa_name[] = "traps";
 
+#define CAUSE_FETCH_ACCESS     1
+#define CAUSE_BREAKPOINT       3
+#define CAUSE_LOAD_ACCESS      5
+#define CAUSE_STORE_ACCESS     7
 #define CAUSE_MISALIGNED_LOAD  4
 #define CAUSE_MISALIGNED_STORE 6
 #define CAUSE_ILLEGAL          2
@@ -192,8 +196,58 @@ static void check_misaligned(void)
     }
 }
 
-int main(void)
+/* Resumes a fetch fault at the caller: its mepc is the bad target, not an instruction. */
+static int fetch_fault_hook(struct trap_frame *frame)
 {
+    uint64_t cause = CSR_READ(mcause);
+    if (cause != CAUSE_FETCH_ACCESS || !trap_expected)
+        return 0;
+    trap_expected = 0;
+    last_trap.cause = cause;
+    last_trap.epc = CSR_READ(mepc);
+    last_trap.tval = CSR_READ(mtval);
+    last_trap.count++;
+    CSR_WRITE(mepc, frame->x[1]);
+    return 1;
+}
+
+/*
+ * Accesses where nothing is (just past the end of RAM) raise access faults
+ * that report the address.
+ */
+static void check_access_faults(const void *fdt)
+{
+    uint64_t ram_base = RAM_BASE;
+    uint64_t ram_size = 0;
+    EXPECT(80, fdt_memory(fdt, &ram_base, &ram_size) == 0);
+    uint64_t hole = ram_base + ram_size;
+    uint64_t before = last_trap.count;
+    uint64_t value = 0;
+
+    isa_current = 81;
+    trap_expected = 1;
+    __asm__ volatile("ld %0, 0(%1)" : "+r"(value) : "r"(hole) : "memory");
+    EXPECT(82, last_trap.count == before + 1);
+    EXPECT(83, last_trap.cause == CAUSE_LOAD_ACCESS && last_trap.tval == hole);
+
+    isa_current = 84;
+    trap_expected = 1;
+    __asm__ volatile("sd %0, 8(%1)" ::"r"(value), "r"(hole) : "memory");
+    EXPECT(85, last_trap.count == before + 2);
+    EXPECT(86, last_trap.cause == CAUSE_STORE_ACCESS && last_trap.tval == hole + 8);
+
+    isa_trap_hook = fetch_fault_hook;
+    isa_current = 87;
+    trap_expected = 1;
+    ((void (*)(void))(uintptr_t)hole)();
+    isa_trap_hook = 0;
+    EXPECT(88, last_trap.count == before + 3);
+    EXPECT(89, last_trap.cause == CAUSE_FETCH_ACCESS && last_trap.tval == hole);
+}
+
+int main(unsigned long hartid, const void *fdt)
+{
+    (void)hartid;
     uint64_t at;
 
     /* ecall from M: cause 11, mepc at the ecall, mret resumes after it */
@@ -211,6 +265,15 @@ int main(void)
     isa_current = 8;
     RUN_TRAPPING(last_trap, trap_expected, at, "csrw mhartid, t0");
     EXPECT(9, last_trap.tval == 0xf1429073);
+
+    /* ebreak: cause 3, mtval the address of the ebreak or zero; also the compressed form */
+    isa_current = 15;
+    RUN_TRAPPING(last_trap, trap_expected, at, "ebreak");
+    EXPECT(16, last_trap.cause == CAUSE_BREAKPOINT && last_trap.epc == at);
+    EXPECT(17, last_trap.tval == at || last_trap.tval == 0);
+    isa_current = 18;
+    RUN_TRAPPING(last_trap, trap_expected, at, "c.ebreak");
+    EXPECT(19, last_trap.cause == CAUSE_BREAKPOINT && last_trap.epc == at);
 
     /* ecall from S and from U, and the previous mode recorded in MPP */
     EXPECT(10, enter_mode(MODE_S, ecall_here, 0) == CAUSE_ECALL_S);
@@ -231,6 +294,7 @@ int main(void)
     CSR_CLEAR(mstatus, MSTATUS_MIE);
 
     check_misaligned();
+    check_access_faults(fdt);
 
     /* delegation: U-mode ecall and illegal instruction go to S-mode's stvec */
     CSR_WRITE(stvec, (uint64_t)(uintptr_t)s_trap_entry);

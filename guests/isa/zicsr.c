@@ -24,6 +24,32 @@ const char isa_name[] = "zicsr";
         EXPECT(n, last_trap.epc == at_);                                                    \
     } while (0)
 
+/* In S-mode: read the counters; returns a bit per counter that could be read. */
+static uint64_t read_counters(uint64_t unused)
+{
+    (void)unused;
+    uint64_t readable = 0;
+    uint64_t before = last_trap.count;
+    trap_expected = 1;
+    __asm__ volatile("rdcycle t0" ::: "t0", "memory");
+    if (last_trap.count == before)
+        readable |= 1;
+    trap_expected = 0;
+    before = last_trap.count;
+    trap_expected = 1;
+    __asm__ volatile("rdtime t0" ::: "t0", "memory");
+    if (last_trap.count == before)
+        readable |= 2;
+    trap_expected = 0;
+    before = last_trap.count;
+    trap_expected = 1;
+    __asm__ volatile("rdinstret t0" ::: "t0", "memory");
+    if (last_trap.count == before)
+        readable |= 4;
+    trap_expected = 0;
+    return readable;
+}
+
 int main(void)
 {
     uint64_t old;
@@ -93,6 +119,22 @@ int main(void)
     for (volatile int i = 0; i < 100; i++) {
     }
     EXPECT(30, CSR_READ(minstret) > before);
+
+    /* time mirrors the CLINT's mtime */
+    uint64_t t0 = mtime_now();
+    uint64_t t1 = CSR_READ(time);
+    uint64_t t2 = mtime_now();
+    EXPECT(31, t0 <= t1 && t1 <= t2);
+
+    /* mcounteren decides which counters S-mode may read; a denied read is illegal */
+    CSR_WRITE(mcounteren, 0);
+    EXPECT(32, enter_mode(MODE_S, read_counters, 0) == 0);
+    EXPECT(33, last_trap.cause == ILLEGAL_INSTRUCTION);
+    CSR_WRITE(mcounteren, 7);
+    EXPECT(34, CSR_READ(mcounteren) == 7);
+    EXPECT(35, enter_mode(MODE_S, read_counters, 0) == 7);
+    CSR_WRITE(mcounteren, 2);
+    EXPECT(36, enter_mode(MODE_S, read_counters, 0) == 2);
 
     /* misa: RV64, and the extensions this machine has */
     uint64_t misa = CSR_READ(misa);
