@@ -37,6 +37,10 @@ const char isa_name[] = "sv39";
 #define VA_CODE  (VA_BASE + 6 * PAGE)  /* X: the code page */
 #define VA_NOX   (VA_BASE + 7 * PAGE)  /* R W, no X: fetch faults */
 #define VA_REMAP (VA_BASE + 8 * PAGE)  /* pointed at one frame, then another */
+#define VA_WONLY (VA_BASE + 9 * PAGE)  /* W without R: a reserved encoding */
+#define VA_STORE (VA_BASE + 10 * PAGE) /* R W, A and D clear: first touched by a store */
+#define VA_MEGA  (VA_BASE + 0x200000)  /* a 2 MiB megapage onto the start of RAM */
+#define VA_MISAL (VA_BASE + 0x400000)  /* a megapage whose frame is not 2 MiB aligned */
 
 static uint64_t root[512] __attribute__((aligned(4096)));
 static uint64_t level1[512] __attribute__((aligned(4096)));
@@ -67,6 +71,10 @@ static void build_tables(void)
     *leaf(VA_CODE) = pte(code_page, PTE_X | PTE_R | PTE_A);
     *leaf(VA_NOX) = pte(code_page, PTE_R | PTE_W | PTE_A | PTE_D);
     *leaf(VA_REMAP) = pte(frames[1], PTE_R | PTE_A);
+    *leaf(VA_WONLY) = pte(frames[3], PTE_W | PTE_A | PTE_D);
+    *leaf(VA_STORE) = pte(frames[3], PTE_R | PTE_W);
+    level1[1] = pte((void *)RAM_BASE, PTE_R | PTE_A);
+    level1[2] = pte((void *)(RAM_BASE + PAGE), PTE_R | PTE_A);
     frames[0][0] = 0x1111;
     frames[1][0] = 0x2222;
     frames[2][0] = 0x3333;
@@ -128,12 +136,24 @@ static uint64_t s_main(uint64_t unused)
     EXPECT(6, load(VA_ALIAS) == 0x5555);      /* two pages, one frame */
     EXPECT(7, frames[0][0] == 0x5555);        /* and the frame itself, identity-mapped */
 
+    /* a store to an untouched page sets A and D together */
+    volatile uint64_t *pte_store = leaf(VA_STORE);
+    store(VA_STORE + 16, 0x99);
+    EXPECT(8, (*pte_store & (PTE_A | PTE_D)) == (PTE_A | PTE_D));
+    EXPECT(9, frames[3][2] == 0x99);
+
     /* permission and validity faults report the virtual address */
     expect_fault(10, VA_RO, 1, CAUSE_STORE_PAGE_FAULT);
     EXPECT(11, load(VA_RO) == 0x2222);
     expect_fault(12, VA_NONE, 0, CAUSE_LOAD_PAGE_FAULT);
     expect_fault(13, VA_NONE + 8, 1, CAUSE_STORE_PAGE_FAULT);
     expect_fault(14, 0x4000000000UL, 0, CAUSE_LOAD_PAGE_FAULT);   /* not canonical */
+    expect_fault(15, VA_WONLY, 0, CAUSE_LOAD_PAGE_FAULT);
+    expect_fault(16, VA_WONLY, 1, CAUSE_STORE_PAGE_FAULT);
+
+    /* a megapage translates with the low 21 bits of the address; a misaligned one faults */
+    EXPECT(17, load(VA_MEGA + 0x18) == *(volatile uint64_t *)(RAM_BASE + 0x18));
+    expect_fault(18, VA_MISAL, 0, CAUSE_LOAD_PAGE_FAULT);
 
     /* MXR makes execute-only pages readable */
     expect_fault(20, VA_XO, 0, CAUSE_LOAD_PAGE_FAULT);
@@ -194,6 +214,16 @@ int main(void)
     __asm__ volatile("sfence.vma" ::: "memory");
     EXPECT(61, enter_mode(MODE_S, s_main, 0) == 1);
     CSR_WRITE(satp, 0);
+
+    /* MPRV: M-mode loads and stores translate as if in MPP's mode; fetches do not */
+    CSR_WRITE(satp, satp);
+    __asm__ volatile("sfence.vma" ::: "memory");
+    CSR_CLEAR(mstatus, 3UL << 11);
+    CSR_SET(mstatus, (1UL << 11) | (1UL << 17));
+    uint64_t through_mprv = load(VA_ALIAS);
+    CSR_CLEAR(mstatus, 1UL << 17);
+    CSR_WRITE(satp, 0);
+    EXPECT(65, through_mprv == 0x5555);
 
     check_satp_mode(70, 9);
     check_satp_mode(71, 10);

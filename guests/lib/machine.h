@@ -33,10 +33,15 @@
 #define MMIO32(addr) (*(volatile uint32_t *)(uintptr_t)(addr))
 #define MMIO64(addr) (*(volatile uint64_t *)(uintptr_t)(addr))
 
-#define CSR_READ(csr) ({ uint64_t v_; __asm__ volatile("csrr %0, " #csr : "=r"(v_)); v_; })
-#define CSR_WRITE(csr, val) __asm__ volatile("csrw " #csr ", %0" :: "rK"((uint64_t)(val)))
-#define CSR_SET(csr, val) __asm__ volatile("csrs " #csr ", %0" :: "rK"((uint64_t)(val)))
-#define CSR_CLEAR(csr, val) __asm__ volatile("csrc " #csr ", %0" :: "rK"((uint64_t)(val)))
+/* CSR accesses are ordered against memory accesses: they change how memory behaves (satp, MPRV). */
+#define CSR_READ(csr) \
+    ({ uint64_t v_; __asm__ volatile("csrr %0, " #csr : "=r"(v_)::"memory"); v_; })
+#define CSR_WRITE(csr, val) \
+    __asm__ volatile("csrw " #csr ", %0" ::"rK"((uint64_t)(val)) : "memory")
+#define CSR_SET(csr, val) \
+    __asm__ volatile("csrs " #csr ", %0" ::"rK"((uint64_t)(val)) : "memory")
+#define CSR_CLEAR(csr, val) \
+    __asm__ volatile("csrc " #csr ", %0" ::"rK"((uint64_t)(val)) : "memory")
 
 #define MSTATUS_MIE  (1UL << 3)
 #define MIE_MSIE     (1UL << 3)
