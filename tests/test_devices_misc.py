@@ -33,6 +33,7 @@ def test_bootrom_holds_entry_and_dtb_words() -> None:
     assert rom.read(24, 8) == 0x8020_0000
     assert rom.read(32, 8) == 0x87E0_0000
     assert rom.read(0, 4) == 0x00000297  # auipc t0, 0
+    assert rom.read(40, 8) == 0x4942534F  # fw_dynamic_info magic, where a2 points
 
 
 @pytest.mark.skipif(shutil.which("riscv64-unknown-elf-objdump") is None, reason="no objdump")
@@ -45,7 +46,7 @@ def test_bootrom_disassembles_to_the_documented_sequence(tmp_path: Path) -> None
         text=True,
         check=True,
     ).stdout
-    for expected in ("auipc\tt0,0x0", "ld\ta1,32(t0)", "li\ta2,0", "ld\tt0,24(t0)", "jr\tt0"):
+    for expected in ("auipc\tt0,0x0", "ld\ta1,32(t0)", "a2,t0,40", "ld\tt0,24(t0)", "jr\tt0"):
         assert expected in out
     assert "mhartid" in out
 

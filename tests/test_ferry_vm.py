@@ -261,3 +261,15 @@ def test_bios_path_loads_a_raw_firmware_at_ram_base() -> None:
     assert done.returncode == 0, done.stdout.decode(errors="replace")
     assert b"OpenSBI v" in done.stdout
     assert b"sbi-hello" in done.stdout
+
+
+FW_DYNAMIC = Path("/usr/lib/riscv64-linux-gnu/opensbi/generic/fw_dynamic.elf")
+
+
+@pytest.mark.skipif(not FW_DYNAMIC.exists(), reason="Debian's OpenSBI not installed")
+@pytest.mark.skipif(not SBI_HELLO.exists(), reason="guest images not built")
+def test_fw_dynamic_finds_the_kernel_through_a2() -> None:
+    done = ferry_vm("run", "--bios", str(FW_DYNAMIC), "--kernel", str(SBI_HELLO), "--timeout", "60")
+    assert done.returncode == 0, done.stdout.decode(errors="replace")
+    assert b"Domain0 Next Address      : 0x0000000080200000" in done.stdout
+    assert b"sbi-hello: shutting down" in done.stdout

@@ -170,7 +170,11 @@ class Machine:
             load_into(self.ram, image)
         self.ram.write(self.dtb_addr, self.dtb)
         entry = self.images[0].entry
-        self.bootrom.restore({"version": 1, "entry": entry, "dtb_addr": self.dtb_addr})
+        # With firmware, the stage after it is the kernel (fw_dynamic reads this from a2).
+        next_addr = self.images[1].entry if len(self.images) > 1 else 0
+        self.bootrom.restore(
+            {"version": 1, "entry": entry, "dtb_addr": self.dtb_addr, "next_addr": next_addr}
+        )
         self.hart.reset(BOOTROM_BASE)
 
     def reset(self) -> None:
