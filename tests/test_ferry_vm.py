@@ -130,6 +130,7 @@ def bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["--kernel", image(tmp_path, "ok.elf", good), "-m", "12Q"], "invalid size"),
         (["--kernel", image(tmp_path, "ok2.elf", good), "-m", "1M"], "memory size"),
         (["--kernel", image(tmp_path, "ok3.elf", good), "--timeout", "soon"], "invalid timeout"),
+        (["--kernel", image(tmp_path, "ok6.elf", good), "-m", "64T"], "cannot allocate 64T"),
         (
             ["--kernel", image(tmp_path, "ok4.elf", good), "--bios", str(tmp_path / "nofw.bin")],
             "no such file",

@@ -122,7 +122,13 @@ class Machine:
         self.event: FinisherEvent | None = None
 
         self.clock = GuestClock(deterministic=config.deterministic)
-        self.ram = GuestRAM(config.memory, base=RAM_BASE)
+        try:
+            self.ram = GuestRAM(config.memory, base=RAM_BASE)
+        except (OSError, MemoryError, OverflowError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else "out of memory"
+            raise LoaderError(
+                f"cannot allocate {format_size(config.memory)} of guest RAM: {reason}"
+            ) from None
         self.bus = Bus()
         self.hart = Hart(self.ram, self.bus, hartid=0, time_source=self.clock.mtime)
         self.clock.instret = lambda: int(self.hart.instret)
