@@ -239,17 +239,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     ) -> Iterator[worker_pb2.WorkerConsoleChunk]:
         console = self._worker.console
 
-        async def resolve() -> int:
-            return console.resolve(request.offset)
+        async def resolve() -> tuple[int, int]:
+            return console.resolve(request.offset), console.total
 
-        offset = self._call(context, resolve)
-        while context.is_active():
+        offset, end = self._call(context, resolve)
+        # Without follow, the answer is what was there when asked: a guest that keeps
+        # printing must not keep the stream open.
+        wait = 1.0 if request.follow else 0.0
+        while context.is_active() and (request.follow or offset < end):
             try:
                 start, data, ended = trio.from_thread.run(
-                    console.wait_read, offset, 1.0, trio_token=self._token
+                    console.wait_read, offset, wait, trio_token=self._token
                 )
             except trio.RunFinishedError:
                 return
+            if not request.follow:
+                data = data[: max(end - start, 0)]
             if data:
                 yield worker_pb2.WorkerConsoleChunk(offset=start, data=data)
                 offset = start + len(data)

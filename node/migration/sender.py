@@ -295,6 +295,10 @@ class MigrationSender:
         self._sync_count = 0
         self._pace_start = 0.0
         self._pace_bytes = 0
+        # Driver-reported time on the wire (transport_time), for the compression choice.
+        self._last_batch_bytes = 0
+        self._tx_bytes = 0
+        self._tx_seconds = 0.0
 
     # ----------------------------------------------------------------- driver interface
 
@@ -389,6 +393,19 @@ class MigrationSender:
                     f"no answer from the destination {limit:g} s after the final message"
                 )
         return []
+
+    def transport_time(self, seconds: float) -> None:
+        """Optional driver report: sending the batch just polled took ``seconds``.
+
+        Only the driver can tell time spent on the wire from time spent running the guest
+        between two polls. Without these reports "auto" compression compares the
+        compressors against the whole loop's throughput, guest slices included, which
+        makes a fast link look slow and compression look better than it is.
+        """
+        if seconds > 0 and self._last_batch_bytes:
+            self._tx_bytes += self._last_batch_bytes
+            self._tx_seconds += seconds
+            self._last_batch_bytes = 0
 
     def cancel(self, reason: str = "cancelled by request") -> list[Action]:
         """Stop the migration and keep the VM on the source. Idempotent, in every phase.
@@ -574,6 +591,7 @@ class MigrationSender:
         self._transferred += size
         self._round_bytes += size
         self._pace_bytes += size
+        self._last_batch_bytes = size
         self._round_last_seq = batch.seq
         return SendMessage(batch)
 
@@ -607,7 +625,9 @@ class MigrationSender:
             self._bandwidth = self._round_acked_bytes / elapsed
 
     def _link_bandwidth(self) -> float:
-        """Bandwidth with compression time left out, for deciding whether to compress."""
+        """The link's own bandwidth as best known, for deciding whether to compress."""
+        if self._tx_seconds > 0:
+            return self._tx_bytes / self._tx_seconds
         if self._bandwidth <= 0:
             return 0.0
         elapsed = self._clock() - self._round_start

@@ -1,0 +1,674 @@
+"""ferry-node: the node agent. It runs one VMM worker process per VM and supervises it.
+
+The agent's own state is a cache: the truth about each VM lives in its worker (while one
+runs) and in the data directory (spec, pid, lock, final status, console log). So a restarted
+agent rebuilds its view from the directory, adopts the workers that still run, and reports
+the rest as they ended (or as lost), never starting a second copy of any VM.
+
+All agent state is touched only from the trio loop; the gRPC handlers in
+:mod:`node.service` hop into it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import trio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from node import registration, supervisor
+from node.errors import AgentError, invalid, not_found
+from node.service import NodeAgentService
+from node.validation import check_file, check_name, check_spec
+from node.vmdir import VMDir, list_vm_dirs, socket_path_fits
+from node.worker_client import WorkerClient
+from protos.ferry.v1 import node_pb2, node_pb2_grpc, types_pb2, worker_pb2
+from vmcore.sizes import parse_size
+
+log = logging.getLogger("ferry-node")
+
+FERRY_VERSION = "0.1.0"
+DEFAULT_STOP_TIMEOUT = 10.0
+WORKER_START_TIMEOUT = 60.0
+
+_FINAL_STATES = {
+    "stopped": types_pb2.VM_STATE_STOPPED,
+    "failed": types_pb2.VM_STATE_FAILED,
+}
+_LIVE_STATES = {
+    types_pb2.VM_STATE_CREATED,
+    types_pb2.VM_STATE_RUNNING,
+    types_pb2.VM_STATE_PAUSED,
+    types_pb2.VM_STATE_INCOMING,
+    types_pb2.VM_STATE_MIGRATING,
+}
+
+
+@dataclass
+class AgentConfig:
+    name: str
+    listen: str
+    data_dir: Path
+    capacity: types_pb2.Resources
+    console_buffer: int = 1 << 20
+    coordinator: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class VMRecord:
+    """What the agent knows of one VM. ``pid`` is non-zero while a worker runs it."""
+
+    vm_dir: VMDir
+    spec: types_pb2.VMSpec
+    created_at: float
+    pid: int = 0
+    client: WorkerClient | None = None
+    exited: trio.Event = field(default_factory=trio.Event)
+    last_status: worker_pb2.WorkerStatus | None = None
+    final: dict[str, Any] | None = None
+    expected_exit: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.vm_dir.name
+
+    @property
+    def has_worker(self) -> bool:
+        return self.pid != 0
+
+
+class Agent:
+    """The node's VMs and their workers; every method runs in the trio loop."""
+
+    def __init__(self, config: AgentConfig, nursery: trio.Nursery) -> None:
+        self.config = config
+        self.data_dir = config.data_dir
+        self.nursery = nursery
+        self.vms: dict[str, VMRecord] = {}
+        self.started_at = time.time()
+        self.address = config.listen
+        # Create, restore and start-from-stopped check capacity and then spawn: one at a
+        # time, so two requests cannot both fit into the same free memory.
+        self._admission = trio.Lock()
+
+    # -- recovery ----------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Rebuild the VM table from the data directory; adopt workers that still run."""
+        for vm_dir in list_vm_dirs(self.data_dir):
+            try:
+                spec = vm_dir.read_spec()
+            except (OSError, ValueError) as e:
+                log.warning("skipping %s: unreadable spec (%s)", vm_dir.path, e)
+                continue
+            record = VMRecord(vm_dir, spec, created_at=vm_dir.spec_file.stat().st_mtime)
+            self.vms[vm_dir.name] = record
+            pid = vm_dir.read_pid()
+            alive = supervisor.worker_is_alive(vm_dir)
+            if alive and pid and supervisor.cmdline_matches(pid, vm_dir):
+                record.pid = pid
+                record.client = WorkerClient(vm_dir)
+                self.nursery.start_soon(self._watch_adopted, record, pid)
+                try:
+                    record.last_status = await record.client.status(ready=True)
+                except AgentError as e:
+                    log.warning("VM %s: adopted worker %d does not answer: %s", spec.name, pid, e)
+                log.info("VM %s: adopted running worker pid %d", spec.name, pid)
+                continue
+            status = vm_dir.read_status()
+            if status is not None and status.get("phase") == "final":
+                record.final = status
+            else:
+                reason = "worker lost while the agent was down (it left no final status)"
+                if status is not None and status.get("phase") == "load":
+                    reason = str(status.get("error", reason))
+                record.final = {"phase": "final", "state": "failed", "failure": reason}
+                vm_dir.write_status(record.final)
+                log.warning("VM %s: %s", spec.name, reason)
+
+    # -- supervision -------------------------------------------------------------------
+
+    async def _spawn(self, record: VMRecord, *, start: bool, restore: str | None = None) -> None:
+        """Start a worker for ``record`` and wait until it serves, or raise why it could not."""
+        vm_dir = record.vm_dir
+        with contextlib.suppress(FileNotFoundError):
+            vm_dir.status_file.unlink()
+        if supervisor.worker_is_alive(vm_dir):
+            raise AgentError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"VM {record.name!r} already has a running worker",
+            )
+        process = await supervisor.spawn_worker(
+            vm_dir, self.config.console_buffer, start=start, restore=restore
+        )
+        record.pid = process.pid
+        record.final = None
+        record.exited = trio.Event()
+        record.expected_exit = False
+        record.client = WorkerClient(vm_dir)
+        self.nursery.start_soon(self._watch_child, record, process)
+        deadline = trio.current_time() + WORKER_START_TIMEOUT
+        while trio.current_time() < deadline:
+            if record.exited.is_set():
+                break
+            if vm_dir.socket.exists():
+                with contextlib.suppress(AgentError):
+                    record.last_status = await record.client.status(timeout=2.0, ready=True)
+                    log.info("VM %s: worker pid %d serving", record.name, process.pid)
+                    return
+            with trio.move_on_after(0.02):
+                await record.exited.wait()
+        if not record.exited.is_set():
+            record.expected_exit = True
+            supervisor.kill(process.pid)
+            await record.exited.wait()
+            raise AgentError(
+                grpc.StatusCode.INTERNAL, f"the worker of VM {record.name!r} did not come up"
+            )
+        final: dict[str, Any] = record.final or {}
+        if final.get("code") == "INVALID_ARGUMENT":
+            raise invalid(str(final.get("error")))
+        raise AgentError(
+            grpc.StatusCode.INTERNAL,
+            f"the worker of VM {record.name!r} failed to start: "
+            f"{final.get('error') or final.get('failure')}",
+        )
+
+    async def _watch_child(self, record: VMRecord, process: trio.Process) -> None:
+        returncode = await process.wait()
+        self._worker_ended(record, process.pid, returncode)
+
+    async def _watch_adopted(self, record: VMRecord, pid: int) -> None:
+        await supervisor.wait_pid(pid)
+        self._worker_ended(record, pid, None)
+
+    def _worker_ended(self, record: VMRecord, pid: int, returncode: int | None) -> None:
+        if record.pid != pid:
+            return
+        status = record.vm_dir.read_status()
+        if status is not None and status.get("phase") == "load":
+            record.final = {"phase": "final", "state": "failed", **status}
+            record.final["failure"] = str(status.get("error"))
+        elif status is not None and status.get("phase") == "final":
+            record.final = status
+        else:
+            reason = supervisor.describe_exit(returncode)
+            if record.expected_exit:
+                reason = "stopped by the agent"
+            record.final = {
+                "phase": "final",
+                "state": "failed",
+                "failure": reason,
+                "instret": record.last_status.instret if record.last_status else 0,
+            }
+            if self.vms.get(record.name) is record:
+                record.vm_dir.write_status(record.final)
+            if not record.expected_exit:
+                log.warning("VM %s: %s", record.name, reason)
+        with contextlib.suppress(FileNotFoundError):
+            if record.vm_dir.read_pid() == pid:
+                record.vm_dir.pid_file.unlink()
+        record.pid = 0
+        if record.client is not None:
+            record.client.close()
+            record.client = None
+        record.exited.set()
+        log.info("VM %s: worker pid %d ended, VM %s", record.name, pid, record.final["state"])
+
+    # -- views -------------------------------------------------------------------------
+
+    def _record(self, name: str) -> VMRecord:
+        check_name(name)
+        record = self.vms.get(name)
+        if record is None:
+            raise not_found(name)
+        return record
+
+    async def _refresh(self, record: VMRecord) -> None:
+        if record.client is None or not record.has_worker:
+            return
+        try:
+            record.last_status = await record.client.status(timeout=2.0)
+        except AgentError:
+            # A worker whose VM has ended stops answering before its process is gone; its
+            # final status is already on disk, and fresher than the last answer.
+            final = record.vm_dir.read_status()
+            if final is not None and final.get("phase") == "final" and record.last_status:
+                record.last_status.state = _FINAL_STATES.get(
+                    str(final.get("state")), types_pb2.VM_STATE_FAILED
+                )
+                record.last_status.instret = int(final.get("instret") or 0)
+                record.last_status.failure = str(final.get("failure") or "")
+                if final.get("exit_code") is not None:
+                    record.last_status.exit_code = int(final["exit_code"])
+
+    def _info(self, record: VMRecord) -> types_pb2.VMInfo:
+        info = types_pb2.VMInfo(
+            spec=record.spec,
+            node=self.config.name,
+            worker_pid=record.pid,
+            created_at=record.created_at,
+        )
+        if record.has_worker and record.last_status is not None:
+            st = record.last_status
+            info.state = st.state
+            info.failure = st.failure
+            if st.HasField("exit_code"):
+                info.exit_code = st.exit_code
+            info.instret = st.instret
+            info.mips = st.mips
+            info.guest_seconds = st.guest_seconds
+            info.console_bytes = st.console_bytes
+        elif record.has_worker:
+            info.state = types_pb2.VM_STATE_CREATED
+        else:
+            final = record.final or {"state": "failed", "failure": "no worker and no status"}
+            info.state = _FINAL_STATES.get(str(final.get("state")), types_pb2.VM_STATE_FAILED)
+            info.failure = str(final.get("failure") or "")
+            if final.get("exit_code") is not None:
+                info.exit_code = int(final["exit_code"])
+            info.instret = int(final.get("instret") or 0)
+            info.guest_seconds = float(final.get("guest_seconds") or 0.0)
+            with contextlib.suppress(OSError):
+                info.console_bytes = record.vm_dir.console_log.stat().st_size
+        return info
+
+    def _holds_resources(self, record: VMRecord) -> bool:
+        if not record.has_worker:
+            return False
+        return record.last_status is None or record.last_status.state in _LIVE_STATES
+
+    def used(self) -> types_pb2.Resources:
+        used = types_pb2.Resources()
+        for record in self.vms.values():
+            if self._holds_resources(record):
+                used.vcpus += record.spec.vcpus or 1
+                used.memory_bytes += record.spec.memory_bytes
+        return used
+
+    def _admit(self, spec: types_pb2.VMSpec, exclude: VMRecord | None = None) -> None:
+        used = types_pb2.Resources()
+        for record in self.vms.values():
+            if record is not exclude and self._holds_resources(record):
+                used.vcpus += record.spec.vcpus or 1
+                used.memory_bytes += record.spec.memory_bytes
+        cap = self.config.capacity
+        vcpus = spec.vcpus or 1
+        if used.vcpus + vcpus > cap.vcpus:
+            raise AgentError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"not enough vCPUs on node {self.config.name}: VM {spec.name!r} needs {vcpus}, "
+                f"{cap.vcpus - used.vcpus} of {cap.vcpus} free",
+            )
+        if used.memory_bytes + spec.memory_bytes > cap.memory_bytes:
+            free = cap.memory_bytes - used.memory_bytes
+            raise AgentError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"not enough memory on node {self.config.name}: VM {spec.name!r} needs "
+                f"{spec.memory_bytes >> 20} MiB, {free >> 20} of "
+                f"{cap.memory_bytes >> 20} MiB free",
+            )
+
+    # -- the API -----------------------------------------------------------------------
+
+    async def create_vm(self, spec: types_pb2.VMSpec, start: bool) -> types_pb2.VMInfo:
+        spec = check_spec(spec)
+        async with self._admission:
+            if spec.name in self.vms:
+                raise AgentError(
+                    grpc.StatusCode.ALREADY_EXISTS, f"a VM named {spec.name!r} already exists"
+                )
+            self._admit(spec)
+            vm_dir = VMDir(self.data_dir, spec.name)
+            if vm_dir.path.exists():
+                shutil.rmtree(vm_dir.path)
+            vm_dir.create()
+            vm_dir.write_spec(spec)
+            record = VMRecord(vm_dir, spec, created_at=time.time())
+            self.vms[spec.name] = record
+            try:
+                await self._spawn(record, start=start)
+            except BaseException:
+                del self.vms[spec.name]
+                if record.has_worker:
+                    record.expected_exit = True
+                    supervisor.kill(record.pid)
+                shutil.rmtree(vm_dir.path, ignore_errors=True)
+                raise
+        log.info("VM %s: created (%d MiB), start=%s", spec.name, spec.memory_bytes >> 20, start)
+        return self._info(record)
+
+    async def restore(self, name: str, path: str, start: bool) -> types_pb2.VMInfo:
+        check_name(name)
+        check_file(path, "path")
+        async with self._admission:
+            if name in self.vms:
+                raise AgentError(
+                    grpc.StatusCode.ALREADY_EXISTS, f"a VM named {name!r} already exists"
+                )
+            vm_dir = VMDir(self.data_dir, name)
+            if vm_dir.path.exists():
+                shutil.rmtree(vm_dir.path)
+            vm_dir.create()
+            spec = types_pb2.VMSpec(name=name, vcpus=1)
+            vm_dir.write_spec(spec)
+            record = VMRecord(vm_dir, spec, created_at=time.time())
+            self.vms[name] = record
+            try:
+                await self._spawn(record, start=False, restore=path)
+                assert record.last_status is not None
+                record.spec = record.last_status.spec
+                vm_dir.write_spec(record.spec)
+                self._admit(record.spec, exclude=record)
+                if start:
+                    assert record.client is not None
+                    record.last_status = await record.client.control(
+                        worker_pb2.WORKER_ACTION_RESUME
+                    )
+            except BaseException:
+                del self.vms[name]
+                if record.has_worker:
+                    record.expected_exit = True
+                    supervisor.kill(record.pid)
+                    await record.exited.wait()
+                shutil.rmtree(vm_dir.path, ignore_errors=True)
+                raise
+        log.info("VM %s: restored from %s", name, path)
+        return self._info(record)
+
+    async def start_vm(self, name: str) -> types_pb2.VMInfo:
+        record = self._record(name)
+        if not record.has_worker:
+            async with self._admission:
+                if not record.has_worker:
+                    self._admit(record.spec, exclude=record)
+                    check_spec(record.spec)
+                    await self._spawn(record, start=True)
+                    log.info("VM %s: booted again", name)
+            return self._info(record)
+        await self._refresh(record)
+        state = record.last_status.state if record.last_status else None
+        if state == types_pb2.VM_STATE_RUNNING:
+            return self._info(record)
+        action = (
+            worker_pb2.WORKER_ACTION_RESUME
+            if state == types_pb2.VM_STATE_PAUSED
+            else worker_pb2.WORKER_ACTION_START
+        )
+        return await self._control(record, action)
+
+    async def _control(
+        self, record: VMRecord, action: worker_pb2.WorkerAction.ValueType, timeout: float = 0.0
+    ) -> types_pb2.VMInfo:
+        if record.client is None or not record.has_worker:
+            state = self._info(record).state
+            raise AgentError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"VM {record.name!r} is {types_pb2.VMState.Name(state)[9:].lower()}",
+            )
+        record.last_status = await record.client.control(action, timeout)
+        return self._info(record)
+
+    async def pause_vm(self, name: str) -> types_pb2.VMInfo:
+        return await self._control(self._record(name), worker_pb2.WORKER_ACTION_PAUSE)
+
+    async def resume_vm(self, name: str) -> types_pb2.VMInfo:
+        return await self._control(self._record(name), worker_pb2.WORKER_ACTION_RESUME)
+
+    async def stop_vm(self, name: str, timeout: float, force: bool) -> types_pb2.VMInfo:
+        record = self._record(name)
+        if timeout < 0 or timeout > 3600:
+            raise invalid(f"timeout_seconds {timeout} is outside 0 .. 3600")
+        if not record.has_worker:
+            return self._info(record)
+        action = worker_pb2.WORKER_ACTION_FORCE_STOP if force else worker_pb2.WORKER_ACTION_STOP
+        await self._control(record, action, timeout or DEFAULT_STOP_TIMEOUT)
+        # The worker exits once its VM has stopped; its final status is the answer.
+        with trio.move_on_after(10.0):
+            await record.exited.wait()
+        return self._info(record)
+
+    async def destroy_vm(self, name: str) -> None:
+        record = self._record(name)
+        del self.vms[name]
+        if record.has_worker:
+            record.expected_exit = True
+            supervisor.kill(record.pid)
+            with trio.move_on_after(10.0):
+                await record.exited.wait()
+        shutil.rmtree(record.vm_dir.path, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            record.vm_dir.socket.unlink()
+        log.info("VM %s: destroyed", name)
+
+    async def get_vm(self, name: str) -> types_pb2.VMInfo:
+        record = self._record(name)
+        await self._refresh(record)
+        return self._info(record)
+
+    async def list_vms(self) -> list[types_pb2.VMInfo]:
+        records = list(self.vms.values())
+        async with trio.open_nursery() as nursery:
+            for record in records:
+                nursery.start_soon(self._refresh, record)
+        return [self._info(r) for r in sorted(records, key=lambda r: r.name)]
+
+    async def node_info(self) -> types_pb2.NodeInfo:
+        vms = await self.list_vms()
+        return types_pb2.NodeInfo(
+            name=self.config.name,
+            address=self.address,
+            capacity=self.config.capacity,
+            used=self.used(),
+            vms=vms,
+            ferry_version=FERRY_VERSION,
+            labels=self.config.labels,
+            started_at=self.started_at,
+        )
+
+    async def snapshot(self, name: str, path: str) -> tuple[str, int]:
+        record = self._record(name)
+        if not path:
+            path = str(record.vm_dir.path / "snapshot.ferry")
+        if not os.path.isabs(path):
+            raise invalid(f"path {path!r} must be an absolute path on the node")
+        if not os.path.isdir(os.path.dirname(path)):
+            raise invalid(f"path {path}: directory {os.path.dirname(path)} does not exist")
+        if record.client is None or not record.has_worker:
+            raise AgentError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"VM {name!r} has no running worker"
+            )
+        size = await record.client.snapshot(path)
+        return path, size
+
+    # -- console -----------------------------------------------------------------------
+
+    async def console_target(self, name: str) -> tuple[VMDir, bool]:
+        """The VM's files and whether a worker (hence a live console) runs it."""
+        record = self._record(name)
+        return record.vm_dir, record.has_worker
+
+    async def console_state(self, name: str, worker_ended: bool) -> types_pb2.VMState.ValueType:
+        """The VM's state for the end of a console stream; ``worker_ended`` says the
+        worker's own stream ended, so its exit is imminent and worth waiting for."""
+        record = self.vms.get(name)
+        if record is None:
+            return types_pb2.VM_STATE_UNSPECIFIED
+        if worker_ended and record.has_worker:
+            with trio.move_on_after(5.0):
+                await record.exited.wait()
+        await self._refresh(record)
+        return self._info(record).state
+
+    async def send_input(self, name: str, data: bytes) -> None:
+        record = self._record(name)
+        if record.client is None or not record.has_worker:
+            raise AgentError(grpc.StatusCode.FAILED_PRECONDITION, f"VM {name!r} is not running")
+        await record.client.send_input(data)
+
+
+def stop_signals() -> Any:
+    return trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT)
+
+
+# -- the ferry-node command ------------------------------------------------------------
+
+
+class StartupError(Exception):
+    """A bad command line or environment; printed as one line, exit status 2."""
+
+
+def _host_memory() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    raise StartupError("cannot read MemTotal from /proc/meminfo; pass --memory")
+
+
+def _parse_args(argv: list[str] | None) -> AgentConfig:
+    parser = argparse.ArgumentParser(
+        prog="ferry-node",
+        description="Ferry node agent: runs and supervises one VMM worker process per VM.",
+    )
+    parser.add_argument("--name", required=True, help="this node's name in the cluster")
+    parser.add_argument("--listen", required=True, help="HOST:PORT to serve on (port 0: any)")
+    parser.add_argument("--data-dir", required=True, type=Path, help="VM files, logs, sockets")
+    parser.add_argument("--coordinator", help="HOST:PORT of ferry-coordinator to register with")
+    parser.add_argument("--vcpus", type=int, help="vCPUs to offer (default: host CPUs)")
+    parser.add_argument("--memory", help="guest memory to offer, e.g. 8G (default: host RAM)")
+    parser.add_argument(
+        "--console-buffer", default="1M", help="console bytes kept in memory per VM (default 1M)"
+    )
+    parser.add_argument(
+        "--label", action="append", default=[], metavar="K=V", help="node label (repeatable)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        check_name(args.name, "--name")
+    except AgentError as e:
+        raise StartupError(e.message) from None
+    host, sep, port = args.listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise StartupError(f"--listen {args.listen!r}: expected HOST:PORT")
+    try:
+        memory = parse_size(args.memory) if args.memory else _host_memory()
+        console_buffer = parse_size(args.console_buffer, default_unit="")
+    except ValueError as e:
+        raise StartupError(str(e)) from None
+    vcpus = args.vcpus if args.vcpus is not None else (os.cpu_count() or 1)
+    if vcpus < 1 or memory < (1 << 20) or console_buffer < 1:
+        raise StartupError("--vcpus, --memory and --console-buffer must be positive")
+    labels = {}
+    for item in args.label:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise StartupError(f"--label {item!r}: expected KEY=VALUE")
+        labels[key] = value
+    data_dir = args.data_dir.resolve()
+    if not socket_path_fits(data_dir):
+        raise StartupError(f"--data-dir {data_dir} is too long for unix socket paths")
+    return AgentConfig(
+        name=args.name,
+        listen=args.listen,
+        data_dir=data_dir,
+        capacity=types_pb2.Resources(vcpus=vcpus, memory_bytes=memory),
+        console_buffer=console_buffer,
+        coordinator=args.coordinator,
+        labels=labels,
+    )
+
+
+def _lock_data_dir(data_dir: Path) -> int:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise StartupError(f"data dir {data_dir} is in use by another ferry-node") from None
+    return fd
+
+
+async def _serve(config: AgentConfig) -> None:
+    async with trio.open_nursery() as nursery:
+        agent = Agent(config, nursery)
+        await agent.recover()
+        server = grpc.server(ThreadPoolExecutor(max_workers=64, thread_name_prefix="agent-grpc"))
+        node_pb2_grpc.add_NodeAgentServicer_to_server(
+            NodeAgentService(agent, trio.lowlevel.current_trio_token()), server
+        )
+        service_name = node_pb2.DESCRIPTOR.services_by_name["NodeAgent"].full_name
+        health_servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            [service_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        try:
+            port = server.add_insecure_port(config.listen)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise StartupError(f"cannot listen on {config.listen}")
+        agent.address = f"{config.listen.rpartition(':')[0]}:{port}"
+        server.start()
+        for name in ("", service_name):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        (config.data_dir / "agent.json").write_text(
+            json.dumps({"name": config.name, "address": agent.address, "pid": os.getpid()})
+        )
+        cap = config.capacity
+        log.info(
+            "node %s listening on %s: %d vCPUs, %d MiB, %d VMs known, data %s",
+            config.name,
+            agent.address,
+            cap.vcpus,
+            cap.memory_bytes >> 20,
+            len(agent.vms),
+            config.data_dir,
+        )
+        if config.coordinator:
+            nursery.start_soon(registration.run, agent, config.coordinator)
+        with stop_signals() as signals:
+            async for _ in signals:
+                break
+        running = sum(1 for r in agent.vms.values() if r.has_worker)
+        log.info("stopping; %d VM workers keep running and will be adopted on restart", running)
+        health_servicer.enter_graceful_shutdown()
+        await trio.to_thread.run_sync(lambda: server.stop(1.0).wait())
+        nursery.cancel_scope.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s ferry-node %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = _parse_args(argv)
+        _lock_data_dir(config.data_dir)
+        trio.run(_serve, config)
+    except StartupError as e:
+        print(f"ferry-node: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
