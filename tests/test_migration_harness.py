@@ -200,10 +200,14 @@ class Loopback:
         restore: Callable[[dict[str, Any]], None] | None = None,
         window: int = 4,
         via_protobuf: bool = False,
+        compression_timer: Callable[[], float] | None = None,
+        transport_seconds: float | None = None,
     ) -> None:
         self.guest = guest
         # Send every message through the protobuf mapping and its serialised bytes.
         self.via_protobuf = via_protobuf
+        # If set, the driver reports this much wire time for every batch it sends.
+        self.transport_seconds = transport_seconds
         self.clock = FakeClock()
         self.link_bandwidth = link_bandwidth
         self.device_state = device_state if device_state is not None else {"hart": {"pc": 1}}
@@ -217,7 +221,7 @@ class Loopback:
             ferry_version="test",
             options=options,
             clock=self.clock,
-            compression_timer=self.clock,
+            compression_timer=compression_timer or self.clock,
         )
         pages = guest.page_count if dest_pages is None else dest_pages
         self.dest_ram = bytearray(pages * PAGE)
@@ -248,6 +252,8 @@ class Loopback:
                 self.outcome.sent.append(action.message)
                 if self.connected:
                     self.to_dest.append(self._over_wire(action.message))
+                if self.transport_seconds is not None and isinstance(action.message, Pages):
+                    self.sender.transport_time(self.transport_seconds)
             elif isinstance(action, PauseVM):
                 assert not self.guest.paused
                 self.guest.paused = True

@@ -210,3 +210,36 @@ def test_scanning_zero_ram_yields_to_the_guest_between_chunks(
     assert yields == 256 // (8 * 2) - 1
     lb.run()
     assert_migrated(lb)
+
+
+class StepTimer:
+    """A compressor stopwatch: every reading is 0.5 ms after the previous one."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        self.t += 0.0005
+        return self.t
+
+
+@pytest.mark.parametrize(
+    ("transport_seconds", "compressed"),
+    [(None, True), (1e-6, False), (1.0, True)],
+    ids=["loop-throughput-slow", "reported-link-fast", "reported-link-slow"],
+)
+def test_auto_compression_follows_the_link_the_driver_reports(
+    transport_seconds: float | None, compressed: bool
+) -> None:
+    # Enough batches that some are encoded after the first acknowledgements come back.
+    guest = FakeGuest(4096, filled=0)
+    words = guest.pages.view(np.uint64)
+    words[:2600] = guest.rng.integers(0, 8, size=(2600, PAGE // 8), dtype=np.uint64)
+    lb = Loopback(
+        guest,
+        link_bandwidth=5e6,
+        compression_timer=StepTimer(),
+        transport_seconds=transport_seconds,
+    )
+    end = assert_migrated(lb)
+    assert (end.stats["compressed-bytes"] > 0) is compressed
