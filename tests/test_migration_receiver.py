@@ -306,3 +306,17 @@ def test_compressed_batches_are_applied() -> None:
         assert sent(dest.receiver.receive(batch)) == [Ack(seq, 1)]
     assert bytes(dest.ram[11 * PAGE : 12 * PAGE]) == raw[:PAGE]
     assert bytes(dest.ram[22 * PAGE : 23 * PAGE]) == raw[PAGE:]
+
+
+def test_receiver_stats_count_what_arrived() -> None:
+    dest = Destination()
+    dest.hello()
+    dest.receiver.receive(pages(1, [1, 2]))
+    dest.receiver.receive(pages(2, [], zero_pages=np.array([1], np.uint32), payload=b""))
+    assert dest.receiver.stats() == {
+        "status": "receiving",
+        "batches": 2,
+        "pages": 3,
+        "payload-bytes": 2 * PAGE,
+        "reason": "",
+    }

@@ -213,6 +213,7 @@ class MigrationReceiver:
     def _on_pages(self, batch: Pages) -> list[Action]:
         if batch.seq != self._expected_seq:
             raise _Invalid(f"batch {batch.seq} arrived, expected batch {self._expected_seq}")
+
         if not isinstance(batch.round, int) or batch.round < self._round:
             raise _Invalid(f"batch of round {batch.round} after round {self._round}")
         try:
@@ -229,6 +230,16 @@ class MigrationReceiver:
         self.pages_received += len(decoded.pages) + len(decoded.zero_pages)
         self.bytes_received += len(batch.payload)
         return [SendMessage(Ack(acked_seq=batch.seq, credit=1))]
+
+    def stats(self) -> dict[str, Any]:
+        """What the destination has taken in so far."""
+        return {
+            "status": self.phase.value,
+            "batches": self.batches,
+            "pages": self.pages_received,
+            "payload-bytes": self.bytes_received,
+            "reason": self.reason,
+        }
 
     def _on_device_state(self, message: DeviceState) -> list[Action]:
         blob = message.state
