@@ -254,6 +254,8 @@ class Agent:
                     str(final.get("state")), types_pb2.VM_STATE_FAILED
                 )
                 record.last_status.instret = int(final.get("instret") or 0)
+                record.last_status.guest_seconds = float(final.get("guest_seconds") or 0.0)
+                record.last_status.console_bytes = int(final.get("console_bytes") or 0)
                 record.last_status.failure = str(final.get("failure") or "")
                 if final.get("exit_code") is not None:
                     record.last_status.exit_code = int(final["exit_code"])

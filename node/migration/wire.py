@@ -9,6 +9,8 @@ value this node does not know maps to a name the state machines reject or report
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from node.migration.messages import (
@@ -26,7 +28,9 @@ from node.migration.messages import (
     Resumed,
     SourceMessage,
 )
+from node.migration.sender import MigrationOptions
 from protos.ferry.v1 import migration_pb2 as pb
+from protos.ferry.v1 import types_pb2
 
 _ENCODING_TO_PB: dict[str, pb.Encoding.ValueType] = {
     Encoding.RAW.value: pb.ENCODING_RAW,
@@ -44,6 +48,66 @@ _REFUSAL_TO_PB = {
     RefusalReason.UNSPECIFIED: pb.REFUSAL_REASON_UNSPECIFIED,
 }
 _REFUSAL_FROM_PB = {v: k for k, v in _REFUSAL_TO_PB.items()}
+
+
+# query-migrate status → the API's MigrationState. "outcome-unknown" has no state of its
+# own in types.proto: it is reported as failed, with the reason saying the source is paused.
+_STATE_TO_PB = {
+    "setup": types_pb2.MIGRATION_STATE_SETUP,
+    "active": types_pb2.MIGRATION_STATE_ACTIVE,
+    "device": types_pb2.MIGRATION_STATE_DEVICE,
+    "cancelling": types_pb2.MIGRATION_STATE_CANCELLING,
+    "completed": types_pb2.MIGRATION_STATE_COMPLETED,
+    "cancelled": types_pb2.MIGRATION_STATE_CANCELLED,
+    "failed": types_pb2.MIGRATION_STATE_FAILED,
+    "outcome-unknown": types_pb2.MIGRATION_STATE_FAILED,
+}
+
+
+def options_from_pb(options: types_pb2.MigrationOptions) -> MigrationOptions:
+    """The API's per-migration options, with proto3's zero values meaning "default".
+
+    Raises ValueError with a one-line message for an option a user got wrong.
+    """
+    defaults = MigrationOptions()
+    result = MigrationOptions(
+        max_downtime_ms=float(options.max_downtime_ms or defaults.max_downtime_ms),
+        max_downtime_max_ms=max(defaults.max_downtime_max_ms, float(options.max_downtime_ms or 0)),
+        max_bandwidth=float(options.max_bandwidth),
+        timeout_s=float(options.timeout_s),
+        auto_converge=(
+            options.auto_converge if options.HasField("auto_converge") else defaults.auto_converge
+        ),
+        compression=options.compression or defaults.compression,
+    )
+    result.check()
+    return result
+
+
+def status_to_pb(
+    stats: dict[str, Any], *, vm: str = "", error: str = "", destination: str = ""
+) -> types_pb2.MigrationStatus:
+    """A sender's :meth:`~node.migration.sender.MigrationSender.stats` as the API reports it."""
+    return types_pb2.MigrationStatus(
+        vm=vm,
+        status=_STATE_TO_PB.get(stats["status"], types_pb2.MIGRATION_STATE_UNSPECIFIED),
+        setup_time_ms=stats["setup-time"],
+        total_time_ms=stats["total-time"],
+        downtime_ms=stats["downtime"],
+        expected_downtime_ms=min(stats["expected-downtime"], 1e300),
+        transferred=stats["transferred"],
+        remaining=stats["remaining"],
+        total=stats["total"],
+        duplicate=stats["duplicate"],
+        normal=stats["normal"],
+        compressed_bytes=stats["compressed-bytes"],
+        dirty_pages_rate=stats["dirty-pages-rate"],
+        mbps=stats["mbps"],
+        dirty_sync_count=stats["dirty-sync-count"],
+        cpu_throttle_percentage=stats["cpu-throttle-percentage"],
+        error=error,
+        destination=destination,
+    )
 
 
 class WireError(ValueError):
