@@ -23,6 +23,7 @@ from node.migration import (
     wire,
 )
 from protos.ferry.v1 import migration_pb2 as pb
+from protos.ferry.v1 import types_pb2
 
 
 def through_source_wire(message: Hello | Pages | DeviceState | Complete | Abort) -> object:
@@ -105,3 +106,39 @@ def test_a_refusal_through_protobuf_keeps_its_reason() -> None:
     lb.run()
     end = lb.outcome.source_end
     assert isinstance(end, Failed) and "(config)" in end.reason
+
+
+def test_api_options_map_zero_values_to_the_defaults() -> None:
+    opts = wire.options_from_pb(types_pb2.MigrationOptions())
+    assert opts == MigrationOptions()
+    opts = wire.options_from_pb(
+        types_pb2.MigrationOptions(
+            max_downtime_ms=50,
+            max_bandwidth=10**8,
+            timeout_s=30,
+            auto_converge=False,
+            compression="lz4",
+        )
+    )
+    assert (opts.max_downtime_ms, opts.max_bandwidth, opts.timeout_s) == (50, 1e8, 30)
+    assert (opts.auto_converge, opts.compression) == (False, "lz4")
+    # A budget above the default ceiling lifts the ceiling with it.
+    lifted = wire.options_from_pb(types_pb2.MigrationOptions(max_downtime_ms=5000))
+    assert lifted.max_downtime_max_ms == 5000
+
+
+def test_api_options_reject_a_bad_compression() -> None:
+    with pytest.raises(ValueError, match="unknown compression 'gzip'"):
+        wire.options_from_pb(types_pb2.MigrationOptions(compression="gzip"))
+
+
+def test_sender_stats_map_onto_the_api_status() -> None:
+    lb = Loopback(FakeGuest(256, pages_per_slice=4))
+    lb.run()
+    stats = lb.sender.stats()
+    status = wire.status_to_pb(stats, vm="web-1", destination="10.0.0.2:7000")
+    assert status.status == types_pb2.MIGRATION_STATE_COMPLETED
+    assert (status.vm, status.destination) == ("web-1", "10.0.0.2:7000")
+    assert status.transferred == stats["transferred"] and status.normal == stats["normal"]
+    assert status.downtime_ms == pytest.approx(stats["downtime"])
+    assert status.dirty_sync_count == stats["dirty-sync-count"]

@@ -454,7 +454,10 @@ class MigrationSender:
             "setup-time": self._setup_time * 1000,
             "total-time": total_ms,
             "downtime": downtime_ms,
-            "expected-downtime": self._expected_downtime_ms,
+            # Unknown (no bandwidth measured yet) reads as 0, as QEMU's does.
+            "expected-downtime": (
+                self._expected_downtime_ms if math.isfinite(self._expected_downtime_ms) else 0.0
+            ),
             "transferred": self._transferred,
             "remaining": self._remaining_bytes(),
             "total": self._ram_size,

@@ -94,7 +94,7 @@ def status_to_pb(
         setup_time_ms=stats["setup-time"],
         total_time_ms=stats["total-time"],
         downtime_ms=stats["downtime"],
-        expected_downtime_ms=min(stats["expected-downtime"], 1e300),
+        expected_downtime_ms=stats["expected-downtime"],
         transferred=stats["transferred"],
         remaining=stats["remaining"],
         total=stats["total"],
