@@ -182,6 +182,8 @@ class Agent:
                 grpc.StatusCode.INTERNAL, f"the worker of VM {record.name!r} did not come up"
             )
         final: dict[str, Any] = record.final or {}
+        if final.get("phase") == "final" and not final.get("by_agent"):
+            return  # the guest ran and ended (a quick poweroff) before we looked
         if final.get("code") == "INVALID_ARGUMENT":
             raise invalid(str(final.get("error")))
         raise AgentError(
@@ -216,6 +218,7 @@ class Agent:
                 "state": "failed",
                 "failure": reason,
                 "instret": record.last_status.instret if record.last_status else 0,
+                "by_agent": True,
             }
             if self.vms.get(record.name) is record:
                 record.vm_dir.write_status(record.final)
