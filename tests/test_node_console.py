@@ -50,7 +50,7 @@ def test_offsets_forward_and_from_the_end(node: NodeProcess) -> None:
     node.create("t3-offsets", GUESTS / "ticker.elf", append="ticks=3")
     node.wait_state("t3-offsets", types_pb2.VM_STATE_STOPPED)
     for offset, expected in [(31, TICKS3[31:]), (-28, TICKS3[-28:]), (10_000, b"")]:
-        out, messages = node.console("t3-offsets", offset, follow=False)
+        out, _ = node.console("t3-offsets", offset, follow=False)
         assert out == expected
     assert node.get("t3-offsets").console_bytes == len(TICKS3)
 
