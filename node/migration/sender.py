@@ -26,15 +26,22 @@ it: ``Resumed`` completes, ``Error`` means the destination discarded its copy an
 resumes, and silence or a broken stream is reported as :class:`OutcomeUnknown` with the
 source still paused, for the coordinator to resolve.
 
-Driving it::
+Driving it (the worker's loop; the VM runs slices in between)::
 
-    actions = sender.start()
+    do(sender.start())                          # sends Hello
     while not sender.finished:
-        actions += sender.poll()           # [] when waiting for credit, acks or pacing
-        ...carry out actions in order; wait for a message, sender.ready_at or a timeout...
-        actions = sender.receive(message)  # or sender.tick(now) / sender.connection_lost()
+        while actions := sender.poll():         # pages, while credit and pacing allow
+            do(actions)                         # carry out in order (send, pause, ...)
+            sender.transport_time(seconds)      # optional: wire time of a Pages send
+        ...run a guest slice; wait for a message, or until sender.ready_at...
+        do(sender.receive(message))             # every message from the destination
+        do(sender.tick(now))                    # timeouts
+    # on a broken stream: do(sender.connection_lost()); on request: do(sender.cancel())
 
-``cancel()`` may be called at any time and is idempotent.
+``poll()`` returning [] means "wait": for an Ack (credit, end of round), for
+``ready_at`` (pacing, or a scan of mostly-zero RAM that yielded to the guest), or for
+the destination's verdict. ``cancel()`` may be called at any time and is idempotent.
+The sender must only be called from one thread.
 """
 
 from __future__ import annotations
