@@ -153,6 +153,7 @@ def test_stopped_guest_is_not_resumed_by_a_completed_migration() -> None:
     bandwidth=st.sampled_from([5e6, 50e6, 1e9]),
     compression=st.sampled_from(["none", "auto", "zstd", "lz4"]),
     seed=st.integers(0, 2**32 - 1),
+    via_protobuf=st.booleans(),
 )
 def test_destination_ram_equals_source_ram_for_any_dirtying_schedule(
     pages: int,
@@ -163,6 +164,7 @@ def test_destination_ram_equals_source_ram_for_any_dirtying_schedule(
     bandwidth: float,
     compression: str,
     seed: int,
+    via_protobuf: bool,
 ) -> None:
     guest = FakeGuest(
         pages,
@@ -176,6 +178,7 @@ def test_destination_ram_equals_source_ram_for_any_dirtying_schedule(
         guest,
         link_bandwidth=bandwidth,
         options=MigrationOptions(max_downtime_ms=5, compression=compression),
+        via_protobuf=via_protobuf,
     )
     outcome = lb.run(max_steps=50000)
     end = outcome.source_end
