@@ -359,13 +359,10 @@ class MigrationSender:
             # Late replies after we gave up (e.g. the Ack in flight when cancel was called).
             return []
         if isinstance(message, Error):
-            if phase in (Phase.WAIT_RESUMED, Phase.CANCELLING):
-                # The destination discarded its copy, so the source may safely run on.
-                if phase is Phase.CANCELLING:
-                    return self._stop(Phase.CANCELLED, self.reason, send_abort=False)
-                return self._stop(
-                    Phase.FAILED, f"destination failed: {message.reason}", send_abort=False
-                )
+            # The destination discarded its copy (even after Complete, an Error means it
+            # never resumed the guest), so the source may safely run on.
+            if phase is Phase.CANCELLING:
+                return self._stop(Phase.CANCELLED, self.reason, send_abort=False)
             return self._stop(
                 Phase.FAILED, f"destination failed: {message.reason}", send_abort=False
             )
