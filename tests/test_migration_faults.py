@@ -206,6 +206,8 @@ def test_cancel_before_start_sends_nothing() -> None:
     assert lb.sender.cancel() == [Cancelled("cancelled by request")]
     assert lb.sender.start() == []
     assert lb.outcome.sent == []
+    stats = lb.sender.stats()
+    assert stats["status"] == "cancelled" and stats["total-time"] == 0 == stats["transferred"]
 
 
 @pytest.mark.parametrize("phase", PHASES_BEFORE_COMPLETE)

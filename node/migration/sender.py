@@ -290,6 +290,7 @@ class MigrationSender:
         self._dirty_rate = 0.0
         self._expected_downtime_ms = 0.0
         self._start_time = 0.0
+        self._started = False
         self._setup_time = 0.0
         self._end_time = 0.0
         self._pause_time = 0.0
@@ -332,6 +333,7 @@ class MigrationSender:
         if self.phase is not Phase.SETUP:
             return []
         self._start_time = self._clock()
+        self._started = True
         self.phase = Phase.HELLO_SENT
         return [SendMessage(self._hello)]
 
@@ -445,8 +447,7 @@ class MigrationSender:
     def stats(self) -> dict[str, Any]:
         """Progress and figures, keyed as QEMU's ``query-migrate`` (times in ms)."""
         now = self._end_time if self.finished else self._clock()
-        started = self._start_time > 0 or self.phase is not Phase.SETUP
-        total_ms = (now - self._start_time) * 1000 if started else 0.0
+        total_ms = (now - self._start_time) * 1000 if self._started else 0.0
         if self.phase is Phase.COMPLETED:
             downtime_ms = (self._end_time - self._pause_time) * 1000
         elif self._paused:
