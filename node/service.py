@@ -36,9 +36,7 @@ class NodeAgentService(node_pb2_grpc.NodeAgentServicer):
         self._agent = agent
         self._token = token
 
-    def _run(
-        self, context: grpc.ServicerContext, fn: Callable[..., Awaitable[T]], *args: Any
-    ) -> T:
+    def _run(self, context: grpc.ServicerContext, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         try:
             return trio.from_thread.run(fn, *args, trio_token=self._token)
         except AgentError as e:
@@ -150,9 +148,7 @@ class NodeAgentService(node_pb2_grpc.NodeAgentServicer):
         channel = grpc.insecure_channel(f"unix:{vm_dir.socket}")
         try:
             stub = worker_pb2_grpc.WorkerStub(channel)
-            call = stub.ConsoleOutput(
-                worker_pb2.WorkerConsoleRequest(offset=offset, follow=follow)
-            )
+            call = stub.ConsoleOutput(worker_pb2.WorkerConsoleRequest(offset=offset, follow=follow))
             context.add_callback(call.cancel)
             try:
                 for chunk in call:

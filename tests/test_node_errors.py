@@ -137,9 +137,7 @@ def test_other_refusals(node: NodeProcess) -> None:
         assert "created" in (error.details() or "")
         error = _refused(node.stub.Snapshot, node_pb2.SnapshotRequest(name="idle", path="rel"))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-        error = _refused(
-            node.stub.StopVM, node_pb2.StopVMRequest(name="idle", timeout_seconds=-1)
-        )
+        error = _refused(node.stub.StopVM, node_pb2.StopVMRequest(name="idle", timeout_seconds=-1))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         error = _refused(
             node.stub.Restore, node_pb2.RestoreRequest(name="r", path="/nonexistent.snap")
