@@ -220,6 +220,7 @@ def test_rounds_may_not_go_backwards() -> None:
         ([good_hello(), DeviceState(msgpack.packb({}))], DeviceState(b"\x80"), "second"),
         ([good_hello()], Ack(0, 1), "unexpected Ack"),
         ([good_hello()], "not a message", "unexpected str"),
+        ([good_hello(), DeviceState(msgpack.packb({}))], Complete("0"), "not an integer"),  # type: ignore[arg-type]
     ],
 )
 def test_messages_in_the_wrong_phase_are_errors(
@@ -320,3 +321,8 @@ def test_receiver_stats_count_what_arrived() -> None:
         "payload-bytes": 2 * PAGE,
         "reason": "",
     }
+
+
+def test_an_empty_expected_token_is_refused_at_construction() -> None:
+    with pytest.raises(ValueError, match="non-empty token"):
+        MigrationReceiver(memoryview(bytearray(PAGE)), token=b"", config_hash=CONFIG, restore=print)

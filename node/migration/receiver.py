@@ -95,6 +95,9 @@ class MigrationReceiver:
             raise ValueError(f"RAM of {len(ram)} bytes is not a whole number of pages")
         if window < 1:
             raise ValueError("window must be at least 1 batch")
+        if not token:
+            # An empty expected token would admit a Hello that carries none.
+            raise ValueError("an incoming migration needs a non-empty token")
         self._ram_size = len(ram)
         self._page_size = page_size
         self._page_count = len(ram) // page_size
@@ -261,6 +264,8 @@ class MigrationReceiver:
 
     def _on_complete(self, message: Complete) -> list[Action]:
         ours = self.digest.value
+        if not isinstance(message.digest, int) or isinstance(message.digest, bool):
+            raise _Invalid("memory digest is not an integer")
         if message.digest != ours:
             raise _Invalid(
                 f"memory digest mismatch: source {message.digest:#018x}, destination {ours:#018x}"
