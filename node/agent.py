@@ -34,7 +34,7 @@ from grpc_reflection.v1alpha import reflection
 from node import registration, supervisor
 from node.errors import AgentError, invalid, not_found
 from node.service import NodeAgentService
-from node.validation import check_file, check_name, check_spec
+from node.validation import NAME_RE, check_file, check_name, check_spec
 from node.vmdir import VMDir, list_vm_dirs, socket_path_fits
 from node.worker_client import WorkerClient
 from protos.ferry.v1 import node_pb2, node_pb2_grpc, types_pb2, worker_pb2
@@ -565,10 +565,10 @@ def _parse_args(argv: list[str] | None) -> AgentConfig:
         "--label", action="append", default=[], metavar="K=V", help="node label (repeatable)"
     )
     args = parser.parse_args(argv)
-    try:
-        check_name(args.name, "--name")
-    except AgentError as e:
-        raise StartupError(e.message) from None
+    if not NAME_RE.fullmatch(args.name):
+        raise StartupError(
+            f"--name {args.name!r}: use 1-63 of a-z, 0-9 and '-', starting with a letter or digit"
+        )
     host, sep, port = args.listen.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise StartupError(f"--listen {args.listen!r}: expected HOST:PORT")
@@ -614,7 +614,11 @@ async def _serve(config: AgentConfig) -> None:
     async with trio.open_nursery() as nursery:
         agent = Agent(config, nursery)
         await agent.recover()
-        server = grpc.server(ThreadPoolExecutor(max_workers=64, thread_name_prefix="agent-grpc"))
+        server = grpc.server(
+            ThreadPoolExecutor(max_workers=64, thread_name_prefix="agent-grpc"),
+            # Without this, a second agent could silently share a port that is taken.
+            options=[("grpc.so_reuseport", 0)],
+        )
         node_pb2_grpc.add_NodeAgentServicer_to_server(
             NodeAgentService(agent, trio.lowlevel.current_trio_token()), server
         )
@@ -665,14 +669,16 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s ferry-node %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    errors: list[BaseException] = []
     try:
         config = _parse_args(argv)
         _lock_data_dir(config.data_dir)
         trio.run(_serve, config)
-    except StartupError as e:
-        print(f"ferry-node: {e}", file=sys.stderr)
-        return 2
-    return 0
+    except* StartupError as group:  # raised inside the agent's nursery, hence a group
+        errors.extend(group.exceptions)
+    for error in errors:
+        print(f"ferry-node: {error}", file=sys.stderr)
+    return 2 if errors else 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -160,3 +162,28 @@ def test_a_bad_snapshot_file_is_invalid_argument(node: NodeProcess, tmp_path: Pa
     error = _refused(node.stub.Restore, node_pb2.RestoreRequest(name="junk", path=str(junk)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert not (node.data_dir / "vms" / "junk").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--name", "Node_1"], "ferry-node: --name 'Node_1': use 1-63 of a-z"),
+        (["--listen", "nowhere"], "ferry-node: --listen 'nowhere': expected HOST:PORT"),
+        (["--memory", "12Q"], "ferry-node: invalid size '12Q'"),
+        (["--listen", "in-use"], "ferry-node: cannot listen on 127.0.0.1:"),
+    ],
+)
+def test_ferry_node_command_line_errors_are_one_line(
+    node: NodeProcess, tmp_path: Path, args: list[str], message: str
+) -> None:
+    defaults = {"--name": "n", "--listen": "127.0.0.1:0", "--data-dir": str(tmp_path / "d")}
+    given = dict(zip(args[::2], args[1::2], strict=True))
+    if given.get("--listen") == "in-use":
+        given["--listen"] = node.address
+    argv = [a for k, v in {**defaults, **given}.items() for a in (k, v)]
+    result = subprocess.run(
+        [sys.executable, "-m", "node.agent", *argv], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].startswith(message)
+    assert "Traceback" not in result.stderr
