@@ -13,6 +13,8 @@ import msgpack
 import numpy as np
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from node.migration import (
     Abort,
@@ -326,3 +328,53 @@ def test_receiver_stats_count_what_arrived() -> None:
 def test_an_empty_expected_token_is_refused_at_construction() -> None:
     with pytest.raises(ValueError, match="non-empty token"):
         MigrationReceiver(memoryview(bytearray(PAGE)), token=b"", config_hash=CONFIG, restore=print)
+
+
+def message_strategy() -> st.SearchStrategy[object]:
+    numbers = st.lists(st.integers(-5, PAGES + 5), max_size=6).map(
+        lambda xs: np.array(xs, dtype=np.int64)
+    )
+    payload = st.one_of(
+        st.binary(max_size=3 * PAGE),
+        st.integers(0, 3).map(lambda n: bytes([7]) * (n * PAGE)),
+        st.integers(1, 3).map(lambda n: compress(Encoding.LZ4, bytes([9]) * (n * PAGE))),
+        st.integers(1, 3).map(lambda n: compress(Encoding.ZSTD, bytes([9]) * (n * PAGE))),
+    )
+    batches = st.builds(
+        Pages,
+        seq=st.integers(0, 4),
+        round=st.integers(-1, 3),
+        encoding=st.sampled_from(["raw", "zstd", "lz4", "?"]),
+        page_numbers=numbers,
+        zero_pages=numbers,
+        payload=payload,
+    )
+    return st.one_of(
+        batches,
+        batches,
+        batches,
+        st.just(good_hello()),
+        st.builds(good_hello, ram_size=st.integers(0, 2**64)),
+        st.builds(DeviceState, st.one_of(st.binary(max_size=64), st.just(msgpack.packb({})))),
+        st.builds(Complete, st.integers(0, 2**64 - 1)),
+        st.builds(Abort, st.text(max_size=10)),
+        st.just(Ack(0, 1)),
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(messages=st.lists(message_strategy(), max_size=8))
+def test_no_stream_makes_the_receiver_raise_or_write_out_of_bounds(
+    messages: list[object],
+) -> None:
+    dest = Destination()
+    ended = False
+    for message in messages:
+        actions = dest.receiver.receive(message)
+        assert isinstance(actions, list)
+        if ended:
+            assert actions == []  # once over (whichever way), the stream is ignored
+        ended = dest.receiver.finished
+        assert dest.guards_intact()
+    if dest.receiver.phase != "resumed":
+        assert dest.restored == []
