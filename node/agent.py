@@ -125,10 +125,9 @@ class Agent:
                 record.pid = pid
                 record.client = WorkerClient(vm_dir)
                 self.nursery.start_soon(self._watch_adopted, record, pid)
-                try:
-                    record.last_status = await record.client.status(ready=True)
-                except AgentError as e:
-                    log.warning("VM %s: adopted worker %d does not answer: %s", spec.name, pid, e)
+                await self._refresh(record)
+                if record.last_status is None:
+                    log.warning("VM %s: adopted worker %d does not answer yet", spec.name, pid)
                 log.info("VM %s: adopted running worker pid %d", spec.name, pid)
                 continue
             status = vm_dir.read_status()
@@ -252,7 +251,9 @@ class Agent:
             # A worker whose VM has ended stops answering before its process is gone; its
             # final status is already on disk, and fresher than the last answer.
             final = record.vm_dir.read_status()
-            if final is not None and final.get("phase") == "final" and record.last_status:
+            if final is not None and final.get("phase") == "final":
+                if record.last_status is None:
+                    record.last_status = worker_pb2.WorkerStatus(name=record.name)
                 record.last_status.state = _FINAL_STATES.get(
                     str(final.get("state")), types_pb2.VM_STATE_FAILED
                 )
