@@ -210,7 +210,9 @@ class ConsoleOutput(_message.Message):
     """
     data: _builtins.bytes
     vm_state: _types_pb2.VMState.ValueType
-    """Set on the last message when the stream ends because the VM is no longer running."""
+    """Set on the last message of every stream (which carries no data): the VM's state as
+    the stream ends; STOPPED or FAILED when a follower's stream ended with the VM.
+    """
     def __init__(
         self,
         *,
