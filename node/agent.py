@@ -529,10 +529,6 @@ class Agent:
         await record.client.send_input(data)
 
 
-def stop_signals() -> Any:
-    return trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT)
-
-
 # -- the ferry-node command ------------------------------------------------------------
 
 
@@ -654,7 +650,7 @@ async def _serve(config: AgentConfig) -> None:
         )
         if config.coordinator:
             nursery.start_soon(registration.run, agent, config.coordinator)
-        with stop_signals() as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _ in signals:
                 break
         running = sum(1 for r in agent.vms.values() if r.has_worker)
