@@ -152,6 +152,9 @@ def test_other_refusals(node: NodeProcess) -> None:
             (node.stub.CancelMigration, ref),
         ]:
             assert _refused(call, request).code() == grpc.StatusCode.UNIMPLEMENTED
+        with pytest.raises(grpc.RpcError) as e:
+            list(node.stub.WatchMigration(ref, timeout=30))
+        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         node.stub.DestroyVM(node_pb2.VMRef(name="idle"))
 
