@@ -22,24 +22,79 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from protos.ferry.v1 import node_pb2 as protos_dot_ferry_dot_v1_dot_node__pb2
 from protos.ferry.v1 import types_pb2 as protos_dot_ferry_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/ferry/v1/coordinator.proto\x12\x08\x66\x65rry.v1\x1a\x1bprotos/ferry/v1/types.proto\"7\n\x13RegisterNodeRequest\x12 \n\x04node\x18\x01 \x01(\x0b\x32\x12.ferry.v1.NodeInfo\":\n\x14RegisterNodeResponse\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\"A\n\x10HeartbeatRequest\x12 \n\x04node\x18\x01 \x01(\x0b\x32\x12.ferry.v1.NodeInfo\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"K\n\x11HeartbeatResponse\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\x12\x12\n\nreregister\x18\x02 \x01(\x08\x32\xa2\x01\n\x0b\x43oordinator\x12M\n\x0cRegisterNode\x12\x1d.ferry.v1.RegisterNodeRequest\x1a\x1e.ferry.v1.RegisterNodeResponse\x12\x44\n\tHeartbeat\x12\x1a.ferry.v1.HeartbeatRequest\x1a\x1b.ferry.v1.HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/ferry/v1/coordinator.proto\x12\x08\x66\x65rry.v1\x1a\x1aprotos/ferry/v1/node.proto\x1a\x1bprotos/ferry/v1/types.proto\"7\n\x13RegisterNodeRequest\x12 \n\x04node\x18\x01 \x01(\x0b\x32\x12.ferry.v1.NodeInfo\":\n\x14RegisterNodeResponse\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\"A\n\x10HeartbeatRequest\x12 \n\x04node\x18\x01 \x01(\x0b\x32\x12.ferry.v1.NodeInfo\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"K\n\x11HeartbeatResponse\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\x12\x12\n\nreregister\x18\x02 \x01(\x08\"\xe4\x02\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.ferry.v1.NodeState\x12\x10\n\x08\x63ordoned\x18\x04 \x01(\x08\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\x12\x0f\n\x07\x64rained\x18\x06 \x01(\x08\x12%\n\x08\x63\x61pacity\x18\x07 \x01(\x0b\x32\x13.ferry.v1.Resources\x12!\n\x04used\x18\x08 \x01(\x0b\x32\x13.ferry.v1.Resources\x12*\n\x06labels\x18\t \x03(\x0b\x32\x1a.ferry.v1.Node.LabelsEntry\x12\x16\n\x0elast_heartbeat\x18\n \x01(\x01\x12\x10\n\x08vm_count\x18\x0b \x01(\r\x12\x15\n\rferry_version\x18\x0c \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x17\n\x07NodeRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x12\n\x10ListNodesRequest\"2\n\x11ListNodesResponse\x12\x1d\n\x05nodes\x18\x01 \x03(\x0b\x32\x0e.ferry.v1.Node\"c\n\x10\x44rainNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cmax_parallel\x18\x02 \x01(\r\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.ferry.v1.MigrationOptions\"\xb5\x03\n\x02VM\x12\x1e\n\x04spec\x18\x01 \x01(\x0b\x32\x10.ferry.v1.VMSpec\x12(\n\rdesired_state\x18\x02 \x01(\x0e\x32\x11.ferry.v1.VMState\x12 \n\x05state\x18\x03 \x01(\x0e\x32\x11.ferry.v1.VMState\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x12\n\ngeneration\x18\x05 \x01(\x04\x12\x35\n\rnode_selector\x18\x06 \x03(\x0b\x32\x1e.ferry.v1.VM.NodeSelectorEntry\x12\x1b\n\x13\x61nti_affinity_group\x18\x07 \x01(\t\x12\x0f\n\x07\x66\x61ilure\x18\x08 \x01(\t\x12\x16\n\texit_code\x18\t \x01(\x05H\x00\x88\x01\x01\x12\x0c\n\x04mips\x18\n \x01(\x01\x12\x15\n\rguest_seconds\x18\x0b \x01(\x01\x12\x15\n\rconsole_bytes\x18\x0c \x01(\x04\x12\x12\n\ncreated_at\x18\r \x01(\x01\x12\x11\n\toperation\x18\x0e \x01(\t\x1a\x33\n\x11NodeSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\n_exit_code\"\xe5\x01\n\x0ePlaceVMRequest\x12\x1e\n\x04spec\x18\x01 \x01(\x0b\x32\x10.ferry.v1.VMSpec\x12\x10\n\x08no_start\x18\x02 \x01(\x08\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x41\n\rnode_selector\x18\x04 \x03(\x0b\x32*.ferry.v1.PlaceVMRequest.NodeSelectorEntry\x12\x1b\n\x13\x61nti_affinity_group\x18\x05 \x01(\t\x1a\x33\n\x11NodeSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\nVMResponse\x12\x18\n\x02vm\x18\x01 \x01(\x0b\x32\x0c.ferry.v1.VM\x12\x11\n\toperation\x18\x02 \x01(\t\"%\n\x15ListClusterVMsRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"3\n\x16ListClusterVMsResponse\x12\x19\n\x03vms\x18\x01 \x03(\x0b\x32\x0c.ferry.v1.VM\"[\n\x10MigrateVMRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.ferry.v1.MigrationOptions\"_\n\x0c\x43onsoleChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0e\n\x06notice\x18\x03 \x01(\t\x12#\n\x08vm_state\x18\x04 \x01(\x0e\x32\x11.ferry.v1.VMState\"\xba\x01\n\rOperationItem\x12\n\n\x02vm\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.ferry.v1.OperationState\x12\x10\n\x08progress\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x06 \x01(\t\x12,\n\tmigration\x18\x07 \x01(\x0b\x32\x19.ferry.v1.MigrationStatus\"\xe0\x01\n\tOperation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x18.ferry.v1.OperationState\x12\x10\n\x08progress\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x12\n\nupdated_at\x18\t \x01(\x01\x12&\n\x05items\x18\n \x03(\x0b\x32\x17.ferry.v1.OperationItem\"\x1a\n\x0cOperationRef\x12\n\n\x02id\x18\x01 \x01(\t\"6\n\x15ListOperationsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x0e\n\x06target\x18\x02 \x01(\t\"A\n\x16ListOperationsResponse\x12\'\n\noperations\x18\x01 \x03(\x0b\x32\x13.ferry.v1.Operation\"6\n\x12WatchEventsRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\x04\x12\x11\n\tno_follow\x18\x02 \x01(\x08\"n\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04time\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\n\n\x02vm\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x11\n\toperation\x18\x07 \x01(\t*R\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10NODE_STATE_READY\x10\x01\x12\x13\n\x0fNODE_STATE_DOWN\x10\x02*\x89\x01\n\x0eOperationState\x12\x1f\n\x1bOPERATION_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17OPERATION_STATE_RUNNING\x10\x01\x12\x1d\n\x19OPERATION_STATE_SUCCEEDED\x10\x02\x12\x1a\n\x16OPERATION_STATE_FAILED\x10\x03\x32\x9a\t\n\x0b\x43oordinator\x12M\n\x0cRegisterNode\x12\x1d.ferry.v1.RegisterNodeRequest\x1a\x1e.ferry.v1.RegisterNodeResponse\x12\x44\n\tHeartbeat\x12\x1a.ferry.v1.HeartbeatRequest\x1a\x1b.ferry.v1.HeartbeatResponse\x12\x44\n\tListNodes\x12\x1a.ferry.v1.ListNodesRequest\x1a\x1b.ferry.v1.ListNodesResponse\x12,\n\x07GetNode\x12\x11.ferry.v1.NodeRef\x1a\x0e.ferry.v1.Node\x12/\n\nCordonNode\x12\x11.ferry.v1.NodeRef\x1a\x0e.ferry.v1.Node\x12\x31\n\x0cUncordonNode\x12\x11.ferry.v1.NodeRef\x1a\x0e.ferry.v1.Node\x12<\n\tDrainNode\x12\x1a.ferry.v1.DrainNodeRequest\x1a\x13.ferry.v1.Operation\x12:\n\x08\x43reateVM\x12\x18.ferry.v1.PlaceVMRequest\x1a\x14.ferry.v1.VMResponse\x12&\n\x05GetVM\x12\x0f.ferry.v1.VMRef\x1a\x0c.ferry.v1.VM\x12L\n\x07ListVMs\x12\x1f.ferry.v1.ListClusterVMsRequest\x1a .ferry.v1.ListClusterVMsResponse\x12\x30\n\x07StartVM\x12\x0f.ferry.v1.VMRef\x1a\x14.ferry.v1.VMResponse\x12\x37\n\x06StopVM\x12\x17.ferry.v1.StopVMRequest\x1a\x14.ferry.v1.VMResponse\x12\x31\n\x08\x44\x65leteVM\x12\x0f.ferry.v1.VMRef\x1a\x14.ferry.v1.VMResponse\x12<\n\tMigrateVM\x12\x1a.ferry.v1.MigrateVMRequest\x1a\x13.ferry.v1.Operation\x12?\n\x07\x43onsole\x12\x18.ferry.v1.ConsoleRequest\x1a\x16.ferry.v1.ConsoleChunk(\x01\x30\x01\x12;\n\x0cGetOperation\x12\x16.ferry.v1.OperationRef\x1a\x13.ferry.v1.Operation\x12S\n\x0eListOperations\x12\x1f.ferry.v1.ListOperationsRequest\x1a .ferry.v1.ListOperationsResponse\x12?\n\x0eWatchOperation\x12\x16.ferry.v1.OperationRef\x1a\x13.ferry.v1.Operation0\x01\x12>\n\x0bWatchEvents\x12\x1c.ferry.v1.WatchEventsRequest\x1a\x0f.ferry.v1.Event0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.ferry.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REGISTERNODEREQUEST']._serialized_start=76
-  _globals['_REGISTERNODEREQUEST']._serialized_end=131
-  _globals['_REGISTERNODERESPONSE']._serialized_start=133
-  _globals['_REGISTERNODERESPONSE']._serialized_end=191
-  _globals['_HEARTBEATREQUEST']._serialized_start=193
-  _globals['_HEARTBEATREQUEST']._serialized_end=258
-  _globals['_HEARTBEATRESPONSE']._serialized_start=260
-  _globals['_HEARTBEATRESPONSE']._serialized_end=335
-  _globals['_COORDINATOR']._serialized_start=338
-  _globals['_COORDINATOR']._serialized_end=500
+  _globals['_NODE_LABELSENTRY']._loaded_options = None
+  _globals['_NODE_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_VM_NODESELECTORENTRY']._loaded_options = None
+  _globals['_VM_NODESELECTORENTRY']._serialized_options = b'8\001'
+  _globals['_PLACEVMREQUEST_NODESELECTORENTRY']._loaded_options = None
+  _globals['_PLACEVMREQUEST_NODESELECTORENTRY']._serialized_options = b'8\001'
+  _globals['_NODESTATE']._serialized_start=2670
+  _globals['_NODESTATE']._serialized_end=2752
+  _globals['_OPERATIONSTATE']._serialized_start=2755
+  _globals['_OPERATIONSTATE']._serialized_end=2892
+  _globals['_REGISTERNODEREQUEST']._serialized_start=104
+  _globals['_REGISTERNODEREQUEST']._serialized_end=159
+  _globals['_REGISTERNODERESPONSE']._serialized_start=161
+  _globals['_REGISTERNODERESPONSE']._serialized_end=219
+  _globals['_HEARTBEATREQUEST']._serialized_start=221
+  _globals['_HEARTBEATREQUEST']._serialized_end=286
+  _globals['_HEARTBEATRESPONSE']._serialized_start=288
+  _globals['_HEARTBEATRESPONSE']._serialized_end=363
+  _globals['_NODE']._serialized_start=366
+  _globals['_NODE']._serialized_end=722
+  _globals['_NODE_LABELSENTRY']._serialized_start=677
+  _globals['_NODE_LABELSENTRY']._serialized_end=722
+  _globals['_NODEREF']._serialized_start=724
+  _globals['_NODEREF']._serialized_end=747
+  _globals['_LISTNODESREQUEST']._serialized_start=749
+  _globals['_LISTNODESREQUEST']._serialized_end=767
+  _globals['_LISTNODESRESPONSE']._serialized_start=769
+  _globals['_LISTNODESRESPONSE']._serialized_end=819
+  _globals['_DRAINNODEREQUEST']._serialized_start=821
+  _globals['_DRAINNODEREQUEST']._serialized_end=920
+  _globals['_VM']._serialized_start=923
+  _globals['_VM']._serialized_end=1360
+  _globals['_VM_NODESELECTORENTRY']._serialized_start=1295
+  _globals['_VM_NODESELECTORENTRY']._serialized_end=1346
+  _globals['_PLACEVMREQUEST']._serialized_start=1363
+  _globals['_PLACEVMREQUEST']._serialized_end=1592
+  _globals['_PLACEVMREQUEST_NODESELECTORENTRY']._serialized_start=1295
+  _globals['_PLACEVMREQUEST_NODESELECTORENTRY']._serialized_end=1346
+  _globals['_VMRESPONSE']._serialized_start=1594
+  _globals['_VMRESPONSE']._serialized_end=1651
+  _globals['_LISTCLUSTERVMSREQUEST']._serialized_start=1653
+  _globals['_LISTCLUSTERVMSREQUEST']._serialized_end=1690
+  _globals['_LISTCLUSTERVMSRESPONSE']._serialized_start=1692
+  _globals['_LISTCLUSTERVMSRESPONSE']._serialized_end=1743
+  _globals['_MIGRATEVMREQUEST']._serialized_start=1745
+  _globals['_MIGRATEVMREQUEST']._serialized_end=1836
+  _globals['_CONSOLECHUNK']._serialized_start=1838
+  _globals['_CONSOLECHUNK']._serialized_end=1933
+  _globals['_OPERATIONITEM']._serialized_start=1936
+  _globals['_OPERATIONITEM']._serialized_end=2122
+  _globals['_OPERATION']._serialized_start=2125
+  _globals['_OPERATION']._serialized_end=2349
+  _globals['_OPERATIONREF']._serialized_start=2351
+  _globals['_OPERATIONREF']._serialized_end=2377
+  _globals['_LISTOPERATIONSREQUEST']._serialized_start=2379
+  _globals['_LISTOPERATIONSREQUEST']._serialized_end=2433
+  _globals['_LISTOPERATIONSRESPONSE']._serialized_start=2435
+  _globals['_LISTOPERATIONSRESPONSE']._serialized_end=2500
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=2502
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=2556
+  _globals['_EVENT']._serialized_start=2558
+  _globals['_EVENT']._serialized_end=2668
+  _globals['_COORDINATOR']._serialized_start=2895
+  _globals['_COORDINATOR']._serialized_end=4073
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from protos.ferry.v1 import coordinator_pb2 as protos_dot_ferry_dot_v1_dot_coordinator__pb2
+from protos.ferry.v1 import node_pb2 as protos_dot_ferry_dot_v1_dot_node__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -44,6 +45,91 @@ class CoordinatorStub:
                 request_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.ListNodes = channel.unary_unary(
+                '/ferry.v1.Coordinator/ListNodes',
+                request_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.ListNodesRequest.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.ListNodesResponse.FromString,
+                _registered_method=True)
+        self.GetNode = channel.unary_unary(
+                '/ferry.v1.Coordinator/GetNode',
+                request_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.NodeRef.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.Node.FromString,
+                _registered_method=True)
+        self.CordonNode = channel.unary_unary(
+                '/ferry.v1.Coordinator/CordonNode',
+                request_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.NodeRef.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.Node.FromString,
+                _registered_method=True)
+        self.UncordonNode = channel.unary_unary(
+                '/ferry.v1.Coordinator/UncordonNode',
+                request_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.NodeRef.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.Node.FromString,
+                _registered_method=True)
+        self.DrainNode = channel.unary_unary(
+                '/ferry.v1.Coordinator/DrainNode',
+                request_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.DrainNodeRequest.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.Operation.FromString,
+                _registered_method=True)
+        self.CreateVM = channel.unary_unary(
+                '/ferry.v1.Coordinator/CreateVM',
+                request_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.PlaceVMRequest.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.VMResponse.FromString,
+                _registered_method=True)
+        self.GetVM = channel.unary_unary(
+                '/ferry.v1.Coordinator/GetVM',
+                request_serializer=protos_dot_ferry_dot_v1_dot_node__pb2.VMRef.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.VM.FromString,
+                _registered_method=True)
+        self.ListVMs = channel.unary_unary(
+                '/ferry.v1.Coordinator/ListVMs',
+                request_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.ListClusterVMsRequest.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.ListClusterVMsResponse.FromString,
+                _registered_method=True)
+        self.StartVM = channel.unary_unary(
+                '/ferry.v1.Coordinator/StartVM',
+                request_serializer=protos_dot_ferry_dot_v1_dot_node__pb2.VMRef.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.VMResponse.FromString,
+                _registered_method=True)
+        self.StopVM = channel.unary_unary(
+                '/ferry.v1.Coordinator/StopVM',
+                request_serializer=protos_dot_ferry_dot_v1_dot_node__pb2.StopVMRequest.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.VMResponse.FromString,
+                _registered_method=True)
+        self.DeleteVM = channel.unary_unary(
+                '/ferry.v1.Coordinator/DeleteVM',
+                request_serializer=protos_dot_ferry_dot_v1_dot_node__pb2.VMRef.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.VMResponse.FromString,
+                _registered_method=True)
+        self.MigrateVM = channel.unary_unary(
+                '/ferry.v1.Coordinator/MigrateVM',
+                request_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.MigrateVMRequest.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.Operation.FromString,
+                _registered_method=True)
+        self.Console = channel.stream_stream(
+                '/ferry.v1.Coordinator/Console',
+                request_serializer=protos_dot_ferry_dot_v1_dot_node__pb2.ConsoleRequest.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.ConsoleChunk.FromString,
+                _registered_method=True)
+        self.GetOperation = channel.unary_unary(
+                '/ferry.v1.Coordinator/GetOperation',
+                request_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.OperationRef.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.Operation.FromString,
+                _registered_method=True)
+        self.ListOperations = channel.unary_unary(
+                '/ferry.v1.Coordinator/ListOperations',
+                request_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.ListOperationsRequest.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.ListOperationsResponse.FromString,
+                _registered_method=True)
+        self.WatchOperation = channel.unary_stream(
+                '/ferry.v1.Coordinator/WatchOperation',
+                request_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.OperationRef.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.Operation.FromString,
+                _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/ferry.v1.Coordinator/WatchEvents',
+                request_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.Event.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -63,6 +149,122 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListNodes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CordonNode(self, request, context):
+        """Keep the node's VMs where they are, but place nothing new on it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UncordonNode(self, request, context):
+        """Undo cordon (and end a finished or failed drain): the node takes VMs again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainNode(self, request, context):
+        """Live-migrate every VM off the node, at most max_parallel at a time; returns the
+        running operation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateVM(self, request, context):
+        """Build a VM on the node the scheduler picks (or the one named) and start it unless asked
+        not to. Returns once the VM is built (or the placement failed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetVM(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListVMs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartVM(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopVM(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteVM(self, request, context):
+        """Stop (forced) and forget the VM everywhere.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MigrateVM(self, request, context):
+        """Live-migrate a running VM to a named node, or to the best node the scheduler finds;
+        returns the running operation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Console(self, request_iterator, context):
+        """The first request opens (name, offset, follow); later requests carry input. Follows the
+        VM from node to node across migrations.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOperation(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOperations(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchOperation(self, request, context):
+        """The operation now, then every change, until it ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchEvents(self, request, context):
+        """Cluster events after a sequence number (0: from the start of the kept history), then new
+        ones as they happen.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +277,91 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.HeartbeatRequest.FromString,
                     response_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'ListNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNodes,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.ListNodesRequest.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'GetNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNode,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.NodeRef.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.Node.SerializeToString,
+            ),
+            'CordonNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.CordonNode,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.NodeRef.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.Node.SerializeToString,
+            ),
+            'UncordonNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.UncordonNode,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.NodeRef.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.Node.SerializeToString,
+            ),
+            'DrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainNode,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.DrainNodeRequest.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.Operation.SerializeToString,
+            ),
+            'CreateVM': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateVM,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.PlaceVMRequest.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.VMResponse.SerializeToString,
+            ),
+            'GetVM': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVM,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_node__pb2.VMRef.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.VM.SerializeToString,
+            ),
+            'ListVMs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVMs,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.ListClusterVMsRequest.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.ListClusterVMsResponse.SerializeToString,
+            ),
+            'StartVM': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartVM,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_node__pb2.VMRef.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.VMResponse.SerializeToString,
+            ),
+            'StopVM': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopVM,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_node__pb2.StopVMRequest.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.VMResponse.SerializeToString,
+            ),
+            'DeleteVM': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteVM,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_node__pb2.VMRef.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.VMResponse.SerializeToString,
+            ),
+            'MigrateVM': grpc.unary_unary_rpc_method_handler(
+                    servicer.MigrateVM,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.MigrateVMRequest.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.Operation.SerializeToString,
+            ),
+            'Console': grpc.stream_stream_rpc_method_handler(
+                    servicer.Console,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_node__pb2.ConsoleRequest.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.ConsoleChunk.SerializeToString,
+            ),
+            'GetOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOperation,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.OperationRef.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.Operation.SerializeToString,
+            ),
+            'ListOperations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOperations,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.ListOperationsRequest.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.ListOperationsResponse.SerializeToString,
+            ),
+            'WatchOperation': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchOperation,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.OperationRef.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.Operation.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.WatchEventsRequest.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_coordinator__pb2.Event.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +418,465 @@ class Coordinator:
             '/ferry.v1.Coordinator/Heartbeat',
             protos_dot_ferry_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
             protos_dot_ferry_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.Coordinator/ListNodes',
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.ListNodesRequest.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.Coordinator/GetNode',
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.NodeRef.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.Node.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CordonNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.Coordinator/CordonNode',
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.NodeRef.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.Node.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UncordonNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.Coordinator/UncordonNode',
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.NodeRef.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.Node.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.Coordinator/DrainNode',
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.DrainNodeRequest.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateVM(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.Coordinator/CreateVM',
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.PlaceVMRequest.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.VMResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVM(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.Coordinator/GetVM',
+            protos_dot_ferry_dot_v1_dot_node__pb2.VMRef.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.VM.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVMs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.Coordinator/ListVMs',
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.ListClusterVMsRequest.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.ListClusterVMsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartVM(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.Coordinator/StartVM',
+            protos_dot_ferry_dot_v1_dot_node__pb2.VMRef.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.VMResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopVM(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.Coordinator/StopVM',
+            protos_dot_ferry_dot_v1_dot_node__pb2.StopVMRequest.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.VMResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteVM(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.Coordinator/DeleteVM',
+            protos_dot_ferry_dot_v1_dot_node__pb2.VMRef.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.VMResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrateVM(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.Coordinator/MigrateVM',
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.MigrateVMRequest.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Console(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/ferry.v1.Coordinator/Console',
+            protos_dot_ferry_dot_v1_dot_node__pb2.ConsoleRequest.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.ConsoleChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.Coordinator/GetOperation',
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.OperationRef.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOperations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.Coordinator/ListOperations',
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.ListOperationsRequest.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.ListOperationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ferry.v1.Coordinator/WatchOperation',
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.OperationRef.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ferry.v1.Coordinator/WatchEvents',
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.WatchEventsRequest.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_coordinator__pb2.Event.FromString,
             options,
             channel_credentials,
             insecure,
