@@ -40,7 +40,7 @@ Op = Callable[[], Any]
 class Block:
     """A decoded straight-line run of guest instructions starting at one pc."""
 
-    __slots__ = ("n", "ops", "pcs", "ppage", "term")
+    __slots__ = ("link", "link_gen", "link_pc", "n", "ops", "pcs", "ppage", "term")
 
     def __init__(self, ops: tuple[Op, ...], term: Callable[[], int], pcs: list[int],
                  ppage: int) -> None:
@@ -49,6 +49,10 @@ class Block:
         self.pcs = pcs
         self.n = len(pcs)
         self.ppage = ppage
+        # The run loop's chaining cache: the block that followed this one last time.
+        self.link: Block = self
+        self.link_pc = -1
+        self.link_gen = -1
 
 
 def _sdiv(a: int, b: int) -> int:

@@ -107,6 +107,12 @@ class Hart:
         self.code_pages = bytearray(ram.page_count)
         self.translator: Translator = translate_block
         self._exit = False
+        # Set whenever the run loop must leave straight-line execution to look around:
+        # interrupt lines, CSR writes, mode changes, invalidations, exit requests.
+        self._attention = True
+        # Bumped whenever TLB entries or decoded blocks are dropped; block chaining
+        # links made under an older generation are not followed.
+        self._gen = 0
         self._ram_base_page = ram.base >> 12
         ram.dirty_log.protect_listeners.append(self.wtlb.clear)
         ram.write_listeners.append(self._ram_written)
@@ -221,6 +227,7 @@ class Hart:
 
     def _update_mip(self) -> None:
         self.mip = self.mip_base | self.seip_sw | self.seip_ext
+        self._attention = True
         if self.waiting and self.mip & self.mie:
             self.waiting = False
 
@@ -245,6 +252,7 @@ class Hart:
     def request_exit(self) -> None:
         """Make :meth:`run` return at the end of the current block."""
         self._exit = True
+        self._attention = True
 
     # -------------------------------------------------------------------- run
 
@@ -256,40 +264,64 @@ class Hart:
             self.waiting = False
         itlb = self.itlb
         blocks = self.blocks
-        done = 0
-        spent = 0  # instructions plus traps, so a trap loop still ends the slice
+        ins = start = self.instret
+        limit = ins + budget
+        pc = self.pc
+        gen = -1
+        blk: Block | None = None
+        self._attention = True
         while True:
-            if self.mip & self.mie:
-                self._check_interrupts()
-            pc = self.pc
-            blk = None
+            cur: Block | None = None
             try:
-                ppage = itlb.get(pc >> 12)
-                if ppage is None:
-                    ppage = self._fill_itlb(pc)
-                blk = blocks.get(pc)
-                if blk is None or blk.ppage != ppage:
-                    blk = self._translate(pc, ppage)
-                for f in blk.ops:
-                    f()
-                self.pc = blk.term()
-                n = blk.n
-            except Trap as t:
-                n = blk.pcs.index(t.epc) if blk is not None and t.epc in blk.pcs else 0
-                self.instret += n
-                done += n
-                spent += n + 1
-                self._take_trap(t.cause, t.tval, t.epc)
-                if spent >= budget or self._exit:
-                    break
-                continue
-            self.instret += n
-            done += n
-            spent += n
-            if spent >= budget or self._exit:
+                while True:
+                    if self._attention:
+                        # Rare path: something outside straight-line execution happened
+                        # (interrupt line, CSR write, mode change, invalidation, exit).
+                        self._attention = False
+                        if self._exit:
+                            break
+                        gen = self._gen
+                        blk = None
+                        if self.mip & self.mie:
+                            self.pc = pc
+                            self._check_interrupts()
+                            pc = self.pc
+                    # Chained successor: valid while no translation or code was dropped.
+                    if blk is not None and blk.link_pc == pc and blk.link_gen == gen:
+                        cur = blk.link
+                    else:
+                        ppage = itlb.get(pc >> 12)
+                        if ppage is None:
+                            ppage = self._fill_itlb(pc)
+                        cur = blocks.get(pc)
+                        if cur is None or cur.ppage != ppage:
+                            cur = self._translate(pc, ppage)
+                        if blk is not None:
+                            blk.link_pc = pc
+                            blk.link = cur
+                            blk.link_gen = gen
+                    for f in cur.ops:
+                        f()
+                    pc = cur.term()
+                    blk = cur
+                    ins += cur.n
+                    self.instret = ins
+                    if ins >= limit:
+                        break
                 break
+            except Trap as t:
+                n = cur.pcs.index(t.epc) if cur is not None and t.epc in cur.pcs else 0
+                ins += n
+                self.instret = ins
+                limit -= 1  # a trap costs budget too, so a trap loop still ends the slice
+                self._take_trap(t.cause, t.tval, t.epc)
+                pc = self.pc
+                blk = None
+                if ins >= limit:
+                    break
+        self.pc = pc
         self._exit = False
-        return done
+        return ins - start
 
     def _translate(self, pc: int, ppage: int) -> Block:
         blk, cacheable = self.translator(self, pc, ppage)
@@ -305,6 +337,8 @@ class Hart:
 
     def _invalidate_code_page(self, idx: int) -> None:
         self.code_pages[idx] = 0
+        self._gen += 1
+        self._attention = True
         ppn = idx + self._ram_base_page
         blocks = self.blocks
         for k in self.page_blocks.pop(ppn, ()):
@@ -374,6 +408,8 @@ class Hart:
         self.itlb.clear()
         self.rtlb.clear()
         self.wtlb.clear()
+        self._gen += 1
+        self._attention = True
         paging = self.satp >> 60 == mmu.SATP_MODE_SV39
         dpriv = self.priv
         if dpriv == 3 and self.mstatus & MPRV:
@@ -415,6 +451,7 @@ class Hart:
         if not self.mip & self.mie:
             self.waiting = True
             self._exit = True
+            self._attention = True
         return nxt
 
     def sfence_vma(self, bits: int, pc: int, nxt: int, rs1: int, rs2: int) -> int:
@@ -425,15 +462,21 @@ class Hart:
         self.itlb.clear()
         self.rtlb.clear()
         self.wtlb.clear()
+        self._gen += 1
+        self._attention = True
         return nxt
 
     def fence_i(self) -> None:
+        self._gen += 1
+        self._attention = True
         self.blocks.clear()
         self.page_blocks.clear()
         self.code_pages[:] = bytes(len(self.code_pages))
 
     def csr_op(self, f3: int, n: int, src: int, rd: int, bits: int, pc: int, idx: int) -> None:
         csrmod.csr_op(self, f3, n, src, rd, bits, pc, idx)
+        # A write may have enabled a pending interrupt (mie, mstatus, mideleg, ...).
+        self._attention = True
 
     # ---------------------------------------------------------- translation
 
