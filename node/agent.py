@@ -153,6 +153,8 @@ class Agent:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"VM {record.name!r} already has a running worker",
             )
+        with contextlib.suppress(FileNotFoundError):
+            vm_dir.socket.unlink()  # a killed predecessor's: readiness means the new socket
         process = await supervisor.spawn_worker(
             vm_dir, self.config.console_buffer, start=start, restore=restore
         )
