@@ -15,7 +15,18 @@ def test_committed_generated_code_is_up_to_date(tmp_path: Path) -> None:
     )
     assert [p.name for p in fresh] == committed, "run `make protos`: generated files differ"
     stale = [p.name for p in fresh if p.read_bytes() != (committed_dir / p.name).read_bytes()]
-    assert not stale, f"run `make protos`: stale generated code {stale}"
+    tools = (_generator_version(fresh[0]), _generator_version(committed_dir / fresh[0].name))
+    assert not stale, (
+        f"run `make protos`: stale generated code {stale}"
+        + ("" if tools[0] == tools[1] else f" (protoc here {tools[0]}, committed {tools[1]})")
+    )
+
+
+def _generator_version(pb2: Path) -> str:
+    for line in pb2.read_text().splitlines():
+        if line.startswith("# Protobuf Python Version:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
 
 
 def test_generation_is_deterministic(tmp_path: Path) -> None:
