@@ -300,9 +300,7 @@ class Hart:
                             blk.link_pc = pc
                             blk.link = cur
                             blk.link_gen = gen
-                    for f in cur.ops:
-                        f()
-                    pc = cur.term()
+                    pc = cur.run()
                     blk = cur
                     ins += cur.n
                     self.instret = ins
