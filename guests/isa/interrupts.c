@@ -17,7 +17,16 @@ const char isa_name[] = "interrupts";
 #define MIP_MTIP (1UL << IRQ_MTI)
 #define MIP_MEIP (1UL << IRQ_MEI)
 
+#define IRQ_STI 5
+#define IRQ_SEI 9
+#define MIP_STIP (1UL << IRQ_STI)
+#define MIP_SEIP (1UL << IRQ_SEI)
+#define SSTATUS_SIE (1UL << 1)
+
 #define PLIC_PRIORITY(src) (PLIC_BASE + 4 * (src))
+#define PLIC_ENABLE_S      (PLIC_BASE + 0x2080)
+#define PLIC_THRESHOLD_S   (PLIC_BASE + 0x201000)
+#define PLIC_CLAIM_S       (PLIC_BASE + 0x201004)
 #define PLIC_ENABLE_M      (PLIC_BASE + 0x2000)
 #define PLIC_THRESHOLD_M   (PLIC_BASE + 0x200000)
 #define PLIC_CLAIM_M       (PLIC_BASE + 0x200004)
@@ -61,6 +70,62 @@ static int irq_hook(struct trap_frame *frame)
 }
 
 static void reset_log(void) { ntaken = 0; }
+
+/*
+ * S-mode side, as a kernel under SBI firmware sees it: the timer interrupt the
+ * firmware injects through mip.STIP, and the UART through the PLIC's S context.
+ */
+static volatile uint32_t s_claimed;
+
+static int s_irq_hook(struct trap_frame *frame)
+{
+    (void)frame;
+    uint64_t cause = CSR_READ(scause);
+    if (!(cause & INTERRUPT))
+        return 0;
+    record(cause);
+    if ((cause & ~INTERRUPT) == IRQ_SEI) {
+        s_claimed = MMIO32(PLIC_CLAIM_S);
+        MMIO8(UART_BASE + UART_IER) = 0;
+        MMIO32(PLIC_CLAIM_S) = s_claimed;
+    } else if ((cause & ~INTERRUPT) == IRQ_STI) {
+        /* S cannot clear STIP itself: ask M, as a kernel asks the SBI for a new timer. */
+        __asm__ volatile("ecall" ::: "memory");
+    } else {
+        isa_fail(isa_current);
+    }
+    return 1;
+}
+
+/* M-mode's answer to that ecall: clear the injected timer interrupt. */
+static int m_clear_stip_hook(struct trap_frame *frame)
+{
+    if (CSR_READ(mcause) != 9 || CSR_READ(mepc) == (uint64_t)(uintptr_t)lower_exit_ecall)
+        return irq_hook(frame);
+    CSR_CLEAR(mip, MIP_STIP);
+    CSR_WRITE(mepc, CSR_READ(mepc) + 4);
+    return 1;
+}
+
+static uint64_t s_take(uint64_t enable)
+{
+    CSR_WRITE(sie, enable);
+    CSR_SET(sstatus, SSTATUS_SIE);
+    for (volatile int i = 0; i < 50; i++) {
+    }
+    CSR_CLEAR(sstatus, SSTATUS_SIE);
+    CSR_WRITE(sie, 0);
+    return ntaken;
+}
+
+/* In S-mode with SIE clear: an M-mode interrupt still preempts it. */
+static uint64_t s_spin(uint64_t unused)
+{
+    (void)unused;
+    for (volatile int i = 0; i < 50 && !ntaken; i++) {
+    }
+    return ntaken;
+}
 
 /* Lets pending interrupts in for a moment. */
 static void open_window(void)
@@ -147,6 +212,42 @@ int main(void)
     EXPECT(46, (CSR_READ(mip) & MIP_MEIP) == 0);
     MMIO8(UART_BASE + UART_IER) = 0;
     CSR_WRITE(mie, 0);
+
+    /* M-mode interrupts are always enabled while the hart runs in S-mode */
+    reset_log();
+    CSR_WRITE(mie, MIE_MSIE);
+    MMIO32(CLINT_MSIP) = 1;
+    EXPECT(50, enter_mode(MODE_S, s_spin, 0) == 1);
+    EXPECT(51, taken[0] == (INTERRUPT | IRQ_MSI));
+    CSR_WRITE(mie, 0);
+
+    /* a supervisor timer interrupt injected by M through mip.STIP, delegated to S */
+    reset_log();
+    CSR_WRITE(stvec, (uint64_t)(uintptr_t)s_trap_entry);
+    isa_s_trap_hook = s_irq_hook;
+    isa_trap_hook = m_clear_stip_hook;
+    CSR_WRITE(mideleg, MIP_STIP | MIP_SEIP);
+    CSR_SET(mip, MIP_STIP);
+    EXPECT(60, (CSR_READ(sip) & MIP_STIP) != 0);
+    EXPECT(61, enter_mode(MODE_S, s_take, MIP_STIP) == 1);
+    EXPECT(62, taken[0] == (INTERRUPT | IRQ_STI));
+    EXPECT(63, (CSR_READ(mip) & MIP_STIP) == 0);
+
+    /* the UART through the PLIC's supervisor context, delegated to S */
+    reset_log();
+    isa_trap_hook = irq_hook;
+    MMIO32(PLIC_ENABLE_S) = 1u << PLIC_UART_IRQ;
+    MMIO32(PLIC_THRESHOLD_S) = 0;
+    MMIO8(UART_BASE + UART_IER) = UART_IER_THRI;
+    for (volatile int i = 0; i < 50; i++) {
+    }
+    EXPECT(70, (CSR_READ(mip) & MIP_SEIP) != 0);
+    EXPECT(71, (CSR_READ(mip) & MIP_MEIP) == 0);    /* the M context has it disabled */
+    EXPECT(72, enter_mode(MODE_S, s_take, MIP_SEIP) == 1);
+    EXPECT(73, taken[0] == (INTERRUPT | IRQ_SEI) && s_claimed == PLIC_UART_IRQ);
+    EXPECT(74, (CSR_READ(mip) & MIP_SEIP) == 0);
+    MMIO32(PLIC_ENABLE_S) = 0;
+    CSR_WRITE(mideleg, 0);
 
     isa_pass();
 }
