@@ -41,6 +41,11 @@ def guest_image(name: str) -> Path:
     return GUESTS_BUILD / f"{name}.elf"
 
 
+def isa_programs() -> list[str]:
+    """The self-checking ISA programs ("rv64i", ...): each prints `PASS <name>` and passes."""
+    return sorted(p.stem for p in (GUESTS_BUILD / "isa").glob("*.elf"))
+
+
 def run_qemu(
     image: Path,
     append: str | None = None,

@@ -45,10 +45,18 @@ def test_checksums_match_committed_images() -> None:
         assert sha256(BUILD / name) == digest, f"{name} does not match SHA256SUMS"
 
 
+EXPECTED_IMAGES = [
+    *(f"{name}.elf" for name in ("hello", "ticker", "dirtier", "cpubench", "sbi-hello")),
+    *(f"isa/{name}.elf" for name in (
+        "rv64i", "rv64m", "rv64a", "rv64c", "zicsr", "traps", "sv39", "interrupts",
+    )),
+]
+
+
 def test_expected_images_are_committed() -> None:
     sums = read_sums(BUILD / "SHA256SUMS")
-    for name in ("hello.elf", "ticker.elf", "dirtier.elf", "cpubench.elf", "sbi-hello.elf"):
-        assert name in sums
+    missing = [name for name in EXPECTED_IMAGES if name not in sums]
+    assert not missing
 
 
 @pytest.mark.parametrize("name", sorted(read_sums(BUILD / "SHA256SUMS")))

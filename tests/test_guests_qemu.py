@@ -10,7 +10,7 @@ import itertools
 import re
 
 import pytest
-from qemu import OPENSBI_FW_JUMP, guest_image, qemu_available, run_qemu
+from qemu import OPENSBI_FW_JUMP, guest_image, isa_programs, qemu_available, run_qemu
 
 pytestmark = pytest.mark.skipif(not qemu_available(), reason="qemu-system-riscv64 not installed")
 
@@ -98,16 +98,13 @@ def test_cpubench_prints_result_and_instruction_count() -> None:
     assert re.search(r"^cpubench: result=0x[0-9a-f]{16} instret=\d+$", output, re.MULTILINE)
 
 
-ISA_PROGRAMS = ["rv64i", "rv64m", "rv64a", "rv64c", "zicsr", "traps", "sv39", "interrupts"]
-
-
-@pytest.mark.parametrize("name", ISA_PROGRAMS)
+@pytest.mark.parametrize("name", isa_programs())
 def test_isa_program_passes(name: str) -> None:
     status, output = run_qemu(guest_image(f"isa/{name}"))
     assert (status, output) == (0, f"PASS {name}\n")
 
 
-@pytest.mark.parametrize("name", ISA_PROGRAMS)
+@pytest.mark.parametrize("name", isa_programs())
 def test_isa_program_passes_without_floating_point(name: str) -> None:
     # Ferry's hart is RV64IMAC: the programs must also hold where misa has no F or D.
     status, output = run_qemu(
