@@ -102,3 +102,14 @@ def test_restore_refuses_a_different_board(tmp_path: Path) -> None:
     det, _ = machine_for(tmp_path, spin_guest(), deterministic=True)
     with pytest.raises(ValueError, match="real-time"):
         det.restore(state)
+
+
+def test_reset_does_not_turn_deterministic_time_back(tmp_path: Path) -> None:
+    m, _ = machine_for(tmp_path, finisher_guest(0x7777), deterministic=True)
+    m.run_slice(10_000)
+    before = m.clock.mtime()
+    assert before > 0
+    m.reset()
+    assert m.clock.mtime() == before
+    m.run_slice(10_000)
+    assert m.clock.mtime() > before

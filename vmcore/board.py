@@ -186,11 +186,14 @@ class Machine:
     def reset(self) -> None:
         """Reboot: what the guest asked for with the finisher's reset (0x7777)."""
         self.event = None
+        now = self.clock.mtime()
         self.ram.clear()
         self.uart.reset()
         self.clint.reset()
         self.plic.reset()
         self._load()
+        # The hart's counters restart at zero; guest time must not run backwards with them.
+        self.clock.set_mtime(now)
 
     # -- running -------------------------------------------------------------------------
 
