@@ -232,6 +232,30 @@ main:
     mv      a0, x0
     bnez    a0, fail
 
+    /* fence.i: code rewritten by stores runs in its new form (a decode cache must notice) */
+    li      TESTNUM, 130
+    la      t0, patch_site
+    jalr    ra, 0(t0)
+    CHECK(130, a0, 1)
+    li      TESTNUM, 131
+    la      t0, patch_site
+    li      t1, 0x00200513          /* addi a0, zero, 2 */
+    sw      t1, 0(t0)
+    fence.i
+    jalr    ra, 0(t0)
+    CHECK(131, a0, 2)
+    li      TESTNUM, 132
+    la      t0, patch_site
+    li      t1, 0x00300513          /* addi a0, zero, 3 */
+    sw      t1, 0(t0)
+    fence.i
+    jalr    ra, 0(t0)
+    CHECK(132, a0, 3)
+    /* plain fences are no-ops to a single hart */
+    fence
+    fence   rw, rw
+    fence   r, w
+
     ld      ra, 8(sp)
     addi    sp, sp, 16
     j       pass
@@ -247,3 +271,9 @@ data:
     .balign 8
 scratch:
     .dword  0, 0, 0
+
+    /* Code in writable memory, patched by the fence.i checks. */
+    .balign 4
+patch_site:
+    .word   0x00100513              /* addi a0, zero, 1 */
+    .word   0x00008067              /* ret */
