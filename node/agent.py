@@ -614,7 +614,8 @@ async def _serve(config: AgentConfig) -> None:
         agent = Agent(config, nursery)
         await agent.recover()
         server = grpc.server(
-            ThreadPoolExecutor(max_workers=64, thread_name_prefix="agent-grpc"),
+            # A console follower holds a thread while it follows: room for many of them.
+            ThreadPoolExecutor(max_workers=128, thread_name_prefix="agent-grpc"),
             # Without this, a second agent could silently share a port that is taken.
             options=[("grpc.so_reuseport", 0)],
         )

@@ -310,7 +310,9 @@ async def _serve(args: argparse.Namespace, vm_dir: VMDir) -> int:
 
     with contextlib.suppress(FileNotFoundError):
         vm_dir.socket.unlink()  # a dead predecessor's; the lock says none is alive
-    server = grpc.server(ThreadPoolExecutor(max_workers=8, thread_name_prefix="worker-grpc"))
+    # Each console follower holds a handler thread for as long as it follows; the pool is
+    # sized so that followers never starve the agent's commands.
+    server = grpc.server(ThreadPoolExecutor(max_workers=64, thread_name_prefix="worker-grpc"))
     worker_pb2_grpc.add_WorkerServicer_to_server(
         WorkerServicer(worker, trio.lowlevel.current_trio_token()), server
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,13 +64,16 @@ def test_several_followers_see_the_same_bytes(node: NodeProcess) -> None:
         out, _ = node.console("t3-multi", offset, follow=True)
         results.append(out)
 
-    threads = [threading.Thread(target=follow, args=(0,)) for _ in range(3)]
+    # More followers than a small handler pool: they must not starve the VM's commands.
+    threads = [threading.Thread(target=follow, args=(0,)) for _ in range(12)]
     for t in threads:
         t.start()
-    node.stub.StartVM(node_pb2.VMRef(name="t3-multi"))
+    time.sleep(1.0)  # lets the followers attach (a shorter wait only makes the test weaker)
+    assert node.get("t3-multi").state == types_pb2.VM_STATE_CREATED
+    node.stub.StartVM(node_pb2.VMRef(name="t3-multi"), timeout=30)
     for t in threads:
         t.join(timeout=120)
-    assert results == [TICKS3] * 3
+    assert results == [TICKS3] * 12
 
 
 def test_input_reaches_the_guest(node: NodeProcess, tmp_path: Path) -> None:
