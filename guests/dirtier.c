@@ -7,17 +7,18 @@
  * Boot arguments: wss=MiB (16), rate=pages per ms (0), hot=fraction of the
  * working set that is written (1.0), time=seconds (0 = forever), ticks=N (0 =
  * forever), corrupt=P (a self-test: damages page P's header behind the
- * checker's back before tick 1, to show that the check catches it). Every 100 ms it prints `tick N sum=0x...`, the sum of every page's
- * header word read from memory: constant when rate=0, new every tick otherwise.
+ * checker's back before tick 1, to show that the check catches it).
+ *
+ * Every 100 ms it prints `tick N sum=0x...`, the sum of every page's header
+ * word read from memory: constant when rate=0, new every tick otherwise.
  *
  * Page contents are a pure function of (page, version), so expected values
  * never depend on reading memory back:
  *   word 0         H(p, v)             the header, rewritten on every dirtying
  *   word r(v)      R(p, v) for v > 0   the rotating word, r(v) = 1 + (v-1) % 256
- *   other words i  F(p, i)             the fill pattern, never zero
+ *   other words i  F(p, i)             the fill: seed(p) + i * step, seed odd
  */
 #include "guest.h"
-#include "mix.h"
 
 #define PAGE_SIZE      4096UL
 #define WORDS          (PAGE_SIZE / 8)
