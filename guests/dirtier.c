@@ -4,7 +4,8 @@
  * own memory every 100 ms, so a migration that loses or corrupts a page is
  * caught by the guest itself and ends the run with fail code 3.
  *
- * Boot arguments: wss=MiB (16), rate=pages per ms (0), hot=fraction of the
+ * Boot arguments: wss=MiB (16), rate=pages per ms (0; `max`: as fast as the
+ * machine can, the worst case for pre-copy migration), hot=fraction of the
  * working set that is written (1.0), time=seconds (0 = forever), ticks=N (0 =
  * forever), corrupt=P (a self-test: damages page P's header behind the
  * checker's back before tick 1, to show that the check catches it).
@@ -180,7 +181,8 @@ int main(unsigned long hartid, const void *fdt)
     (void)hartid;
     const char *args = fdt_bootargs(fdt);
     uint64_t wss = arg_u64(args, "wss", 16);
-    uint64_t rate = arg_u64(args, "rate", 0);
+    int flat_out = arg_equals(args, "rate", "max");
+    uint64_t rate = flat_out ? 0 : arg_u64(args, "rate", 0);
     uint64_t hot = arg_fixed6(args, "hot", 1000000);
     uint64_t seconds = arg_u64(args, "time", 0);
     uint64_t limit = arg_u64(args, "ticks", 0);
@@ -212,7 +214,10 @@ int main(unsigned long hartid, const void *fdt)
     version = (uint32_t *)(uintptr_t)(meta + pages * 8);
     ws = (uint64_t *)(uintptr_t)ws_start;
 
-    kprintf("dirtier: wss=%luMiB pages=%lu rate=%lu/ms hot=", wss, pages, rate);
+    if (flat_out)
+        kprintf("dirtier: wss=%luMiB pages=%lu rate=max hot=", wss, pages);
+    else
+        kprintf("dirtier: wss=%luMiB pages=%lu rate=%lu/ms hot=", wss, pages, rate);
     print_fraction(hot);
     kprintf("\n");
     fill();
@@ -225,21 +230,21 @@ int main(unsigned long hartid, const void *fdt)
     for (;;) {
         uint64_t now = mtime_now();
         if (now - tick_start >= TICK) {
-            /*
-             * Each tick ends with exactly rate x 100 writes per tick so far, so
-             * a machine that keeps up prints the same sums as any other.
-             */
-            uint64_t quota = rate * MS_PER_TICK * (tick + 1);
-            /*
-             * More than a whole tick behind: this machine cannot write that
-             * fast, so drop the backlog rather than delay the tick further.
-             */
-            if (quota - writes > rate * MS_PER_TICK) {
-                skipped += quota - writes;
-                writes = quota;
+            if (!flat_out) {
+                /*
+                 * Each tick ends with exactly rate x 100 writes per tick so
+                 * far, so a machine that keeps up prints the same sums as any
+                 * other. More than a whole tick behind, the machine cannot
+                 * write that fast: drop the backlog rather than delay the tick.
+                 */
+                uint64_t quota = rate * MS_PER_TICK * (tick + 1);
+                if (quota - writes > rate * MS_PER_TICK) {
+                    skipped += quota - writes;
+                    writes = quota;
+                }
+                for (; writes < quota; writes++)
+                    dirty_nth(writes);
             }
-            for (; writes < quota; writes++)
-                dirty_nth(writes);
             if (tick == 1 && corrupt_page < pages)
                 ws[corrupt_page * WORDS] ^= 1;
             uint64_t sum = memory_header_sum();
@@ -259,6 +264,11 @@ int main(unsigned long hartid, const void *fdt)
             /* Paused or migrated for longer than a tick: carry on from now. */
             if (now - tick_start >= TICK)
                 tick_start = now;
+            continue;
+        }
+        if (flat_out) {
+            for (uint64_t end = writes + 64; writes < end; writes++)
+                dirty_nth(writes);
             continue;
         }
         uint64_t target = rate * (MS_PER_TICK * tick + (now - tick_start) / MS);

@@ -26,6 +26,15 @@ int arg_present(const char *args, const char *key)
     return arg_find(args, key) != NULL;
 }
 
+int arg_equals(const char *args, const char *key, const char *value)
+{
+    const char *v = arg_find(args, key);
+    if (!v)
+        return 0;
+    size_t n = strlen(value);
+    return memcmp(v, value, n) == 0 && (v[n] == ' ' || v[n] == 0);
+}
+
 uint64_t arg_u64(const char *args, const char *key, uint64_t dflt)
 {
     const char *v = arg_find(args, key);

@@ -40,6 +40,7 @@ int fdt_memory(const void *fdt, uint64_t *base, uint64_t *size);
 uint64_t arg_u64(const char *args, const char *key, uint64_t dflt);
 uint64_t arg_fixed6(const char *args, const char *key, uint64_t dflt_millionths);
 int arg_present(const char *args, const char *key);
+int arg_equals(const char *args, const char *key, const char *value);
 
 void *memset(void *dst, int c, size_t n);
 void *memcpy(void *dst, const void *src, size_t n);
