@@ -403,9 +403,7 @@ def decode(h: Hart, insn: int, bits: int, pc: int, ilen: int, idx: int) -> tuple
             x[d] = v
         return auipc, False
     if opc == 0x6F:  # JAL
-        imm = ((insn >> 31) << 20) | (((insn >> 12) & 0xFF) << 12) | (((insn >> 20) & 1) << 11) \
-            | (((insn >> 21) & 0x3FF) << 1)
-        t = (pc + _sext(imm, 21)) & M
+        t = _jal_target(insn, pc)
         if rd == 0:
             return (lambda: t), True
         def jal() -> int:
@@ -509,6 +507,18 @@ def _decode_system(h: Hart, insn: int, bits: int, pc: int, nxt: int,
     return csr_insn, True
 
 
+def _jal_target(insn: int, pc: int) -> int:
+    imm = ((insn >> 31) << 20) | (((insn >> 12) & 0xFF) << 12) | (((insn >> 20) & 1) << 11) \
+        | (((insn >> 21) & 0x3FF) << 1)
+    return (pc + _sext(imm, 21)) & M
+
+
+def _mk_link(x: list[int], d: int, link: int) -> Op:
+    def jal_link() -> None:
+        x[d] = link
+    return jal_link
+
+
 def translate_block(h: Hart, pc: int, ppage: int) -> tuple[Block, bool]:
     """Decode the block at ``pc`` (whose page is physical page ``ppage``).
 
@@ -546,9 +556,19 @@ def translate_block(h: Hart, pc: int, ppage: int) -> tuple[Block, bool]:
             if pcs:
                 break
             raise
-        fn, ends = decode(h, insn if insn else 0, bits, cur, ilen, len(pcs))
-        if insn == 0 and not ends:
-            fn, ends = _illegal(bits, cur), True
+        if insn & 0x7F == 0x6F:
+            # A direct jump within the page: keep decoding at its target instead of ending
+            # the block (the page check at block entry covers the target too). Not into
+            # an address already in this block, so each pc appears once in ``pcs``.
+            target = _jal_target(insn, cur)
+            if target >> 12 == pc >> 12 and target not in pcs and target != cur:
+                rd = (insn >> 7) & 31
+                pcs.append(cur)
+                if rd:
+                    ops.append(_mk_link(h.x, rd, (cur + ilen) & M))
+                cur = target
+                continue
+        fn, ends = decode(h, insn, bits, cur, ilen, len(pcs))
         pcs.append(cur)
         cur = (cur + ilen) & M
         if ends:
