@@ -334,6 +334,70 @@ def test_self_modifying_code_after_fence_i() -> None:
     assert m.exit.value == 3
 
 
+@needs_as
+def test_store_into_decoded_code_is_seen_without_fence_i() -> None:
+    # `func` runs once (decoded and cached), is then overwritten by an ordinary store from
+    # another page, and runs again: the new instruction must execute.
+    m = run("""
+    jal ra, func
+    mv s2, a0
+    la t0, func
+    li t1, 0x00700513        # addi a0, zero, 7
+    sw t1, 0(t0)
+    jal ra, func
+    mv s3, a0
+    EXIT s3
+    .align 12
+    func:
+    .option push
+    .option norvc
+    addi a0, zero, 1
+    .option pop
+    ret
+    """)
+    assert (m.reg("s2"), m.reg("s3")) == (1, 7)
+
+
+@needs_as
+def test_device_write_into_decoded_code_invalidates_it() -> None:
+    m = Machine(assemble("""
+    .option push
+    .option norvc
+    addi a0, zero, 1
+    .option pop
+    EXIT a0
+    """))
+    assert m.run() == 1
+    m.ram.write(m.ram.base, (0x00900513).to_bytes(4, "little"))  # addi a0, zero, 9
+    m.exit.value = None
+    m.hart.pc = m.ram.base  # no reset: that would flush the decoded code anyway
+    assert m.run() == 9
+
+
+class ROM:
+    """A read-only device holding code, like the board's boot ROM."""
+
+    def __init__(self, code: bytes) -> None:
+        self.code = code.ljust(0x100, b"\0")
+
+    def read(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.code[offset : offset + size], "little")
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        raise AssertionError("ROM write")
+
+
+@needs_as
+def test_code_runs_from_an_mmio_rom() -> None:
+    ram_code = assemble("li a0, 5\nadd a0, a0, a1\nEXIT a0")
+    rom_code = assemble("li a1, 0x10\nli t0, 0x80000000\njr t0", base=0x1000)
+    m = Machine(ram_code)
+    m.bus.attach(0x1000, 0x100, ROM(rom_code), "rom")
+    m.hart.reset(0x1000)
+    m.run()
+    assert m.exit.value == 0x15
+
+
 def test_machine_construction_without_toolchain() -> None:
     # A hand-encoded program: addi a0, zero, 7 ; sw a0, 0(t6) with t6 preset.
     prog = (0x00700513).to_bytes(4, "little") + (0x00AFA023).to_bytes(4, "little")

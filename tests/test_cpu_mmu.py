@@ -109,7 +109,9 @@ def test_walk_sets_accessed_then_dirty_and_logs_the_page_table_write() -> None:
     pages = set(m.ram.dirty_log.fetch_and_reset().tolist())
     assert (LABELS["pt_l0"](m) - m.ram.base) >> 12 in pages
 
-    m = run(f"li t0, {VA}\nli t1, 7\nsd t1, 8(t0)\nld s2, 8(t0)\nli a0, 1\nEXIT a0", log=True)
+    # Load first (A only), then store: the store must still set D.
+    m = run(f"li t0, {VA}\nld s3, 0(t0)\nli t1, 7\nsd t1, 8(t0)\nld s2, 8(t0)\nli a0, 1\n"
+            "EXIT a0", log=True)
     assert (m.reg("a0"), m.reg("s2")) == (1, 7)
     assert pte(m, 0) & (A | D) == A | D
     pages = set(m.ram.dirty_log.fetch_and_reset().tolist())
@@ -120,6 +122,7 @@ def test_walk_sets_accessed_then_dirty_and_logs_the_page_table_write() -> None:
 @needs_as
 @pytest.mark.parametrize(("body", "cause", "page"), [
     ("li t0, {va1}\nsd t0, 0(t0)", 15, 1),               # store to read-only
+    ("li t0, {va1}\nld t1, 0(t0)\nsd t1, 0(t0)", 15, 1),  # ...also after a cached load
     ("li t0, {va2}\nld t1, 0(t0)", 13, 2),               # load from execute-only
     ("li t0, {va4}\nld t1, 0(t0)", 13, 4),               # invalid PTE
     ("li t0, {va4}\nsd t1, 0(t0)", 15, 4),
