@@ -132,7 +132,7 @@ class Mover:
             item.message = e.message
             c.ops.save(op)
             c.ops.event(
-                "vm-failed", node=source, vm=name, message=f"migration failed: {e.message}", op=op
+                "vm-migration-failed", node=source, vm=name, message=f"migration failed: {e.message}", op=op
             )
             # The VM still runs on the source; the destination's half-built copy must go.
             try:

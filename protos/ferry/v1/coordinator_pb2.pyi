@@ -784,6 +784,7 @@ class Event(_message.Message):
     kind: _builtins.str
     """"node-up", "node-down", "node-cordoned", "node-uncordoned", "node-drained",
     "vm-placed", "vm-started", "vm-stopped", "vm-deleted", "vm-migrating", "vm-migrated",
+    "vm-migration-failed",
     "vm-failed", "vm-unknown", "vm-stale-stopped", "vm-rescheduled", "operation-failed".
     """
     node: _builtins.str
