@@ -37,6 +37,21 @@ void isa_fail(unsigned long test)
     finish_fail(1);
 }
 
+/*
+ * Length of the instruction that trapped. It is read as the trapping mode saw
+ * it (MPRV, with MXR for execute-only pages): under paging, mepc is a virtual
+ * address that means nothing to M-mode's own bare accesses.
+ */
+static uint64_t trapped_insn_length(uint64_t epc)
+{
+    const uint64_t mprv_mxr = (1UL << 17) | (1UL << 19);
+    uint16_t low;
+    CSR_SET(mstatus, mprv_mxr);
+    __asm__ volatile("lhu %0, 0(%1)" : "=r"(low) : "r"(epc) : "memory");
+    CSR_CLEAR(mstatus, mprv_mxr);
+    return (low & 3) == 3 ? 4 : 2;
+}
+
 void trap_handler(struct trap_frame *frame)
 {
     if (isa_trap_hook && isa_trap_hook(frame))
@@ -52,7 +67,7 @@ void trap_handler(struct trap_frame *frame)
         last_trap.tval = CSR_READ(mtval);
         last_trap.status = CSR_READ(mstatus);
         last_trap.count++;
-        CSR_WRITE(mepc, epc + insn_length(epc));
+        CSR_WRITE(mepc, epc + trapped_insn_length(epc));
         return;
     }
     /* Assembly programs keep their check number in s11 (x27). */

@@ -39,6 +39,7 @@ const char isa_name[] = "sv39";
 #define VA_REMAP (VA_BASE + 8 * PAGE)  /* pointed at one frame, then another */
 #define VA_WONLY (VA_BASE + 9 * PAGE)  /* W without R: a reserved encoding */
 #define VA_STORE (VA_BASE + 10 * PAGE) /* R W, A and D clear: first touched by a store */
+#define VA_UCODE (VA_BASE + 11 * PAGE) /* U X R: the code page again, for U-mode */
 #define VA_MEGA  (VA_BASE + 0x200000)  /* a 2 MiB megapage onto the start of RAM */
 #define VA_MISAL (VA_BASE + 0x400000)  /* a megapage whose frame is not 2 MiB aligned */
 
@@ -47,6 +48,7 @@ static uint64_t level1[512] __attribute__((aligned(4096)));
 static uint64_t level0[512] __attribute__((aligned(4096)));
 static uint64_t frames[4][512] __attribute__((aligned(4096)));
 extern char code_page[];
+extern char code_page_load[];
 
 static uint64_t pte(const void *frame, uint64_t flags)
 {
@@ -73,6 +75,7 @@ static void build_tables(void)
     *leaf(VA_REMAP) = pte(frames[1], PTE_R | PTE_A);
     *leaf(VA_WONLY) = pte(frames[3], PTE_W | PTE_A | PTE_D);
     *leaf(VA_STORE) = pte(frames[3], PTE_R | PTE_W);
+    *leaf(VA_UCODE) = pte(code_page, PTE_X | PTE_R | PTE_U | PTE_A);
     level1[1] = pte((void *)RAM_BASE, PTE_R | PTE_A);
     level1[2] = pte((void *)(RAM_BASE + PAGE), PTE_R | PTE_A);
     frames[0][0] = 0x1111;
@@ -85,6 +88,12 @@ static void build_tables(void)
 static int fetch_fault_hook(struct trap_frame *frame)
 {
     uint64_t cause = CSR_READ(mcause);
+    /*
+     * U-mode code returning into lower_exit, which is not a user page: that
+     * fault is how a U-mode call under paging ends.
+     */
+    if (cause == CAUSE_FETCH_PAGE_FAULT && CSR_READ(mtval) == (uint64_t)(uintptr_t)lower_exit)
+        resume_m(frame->x[10]);
     if (cause != CAUSE_FETCH_PAGE_FAULT || !trap_expected)
         return 0;
     trap_expected = 0;
@@ -213,6 +222,20 @@ int main(void)
     EXPECT(60, CSR_READ(satp) == satp);
     __asm__ volatile("sfence.vma" ::: "memory");
     EXPECT(61, enter_mode(MODE_S, s_main, 0) == 1);
+    CSR_WRITE(satp, 0);
+
+    /* U-mode runs from user pages, reads user pages, and faults on supervisor pages */
+    CSR_WRITE(satp, satp);
+    __asm__ volatile("sfence.vma" ::: "memory");
+    uint64_t (*u_entry)(uint64_t) = (uint64_t (*)(uint64_t))(uintptr_t)VA_UCODE;
+    uint64_t (*u_load)(uint64_t) =
+        (uint64_t (*)(uint64_t))(uintptr_t)(VA_UCODE + (code_page_load - code_page));
+    EXPECT(62, enter_mode(MODE_U, u_entry, 0) == 0x42);
+    EXPECT(63, enter_mode(MODE_U, u_load, VA_USER) == 0x3333);
+    isa_current = 64;
+    trap_expected = 1;
+    (void)enter_mode(MODE_U, u_load, VA_RO);
+    EXPECT(64, last_trap.cause == CAUSE_LOAD_PAGE_FAULT && last_trap.tval == VA_RO);
     CSR_WRITE(satp, 0);
 
     /* MPRV: M-mode loads and stores translate as if in MPP's mode; fetches do not */

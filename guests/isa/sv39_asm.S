@@ -7,4 +7,8 @@
 code_page:
     li      a0, 0x42
     ret
+    .globl code_page_load
+code_page_load:
+    ld      a0, 0(a0)
+    ret
     .balign 4096
