@@ -197,6 +197,13 @@ static uint64_t s_main(uint64_t unused)
     *leaf(VA_REMAP) = pte(frames[1], PTE_R | PTE_A);
     __asm__ volatile("sfence.vma" ::: "memory");
     EXPECT(52, load(VA_REMAP) == 0x2222);
+    /* an unmapped page faults once the translation is fenced away */
+    *leaf(VA_REMAP) &= ~PTE_V;
+    __asm__ volatile("sfence.vma %0, zero" ::"r"(VA_REMAP) : "memory");
+    expect_fault(53, VA_REMAP, 0, CAUSE_LOAD_PAGE_FAULT);
+    *leaf(VA_REMAP) |= PTE_V;
+    __asm__ volatile("sfence.vma %0, zero" ::"r"(VA_REMAP) : "memory");
+    EXPECT(54, load(VA_REMAP) == 0x2222);
     return 1;
 }
 
