@@ -84,7 +84,13 @@ Translator = Callable[["Hart", int, int], tuple[Block, bool]]
 
 
 class Hart:
-    """A RISC-V hart. See the module docstring for how the fast and slow paths meet."""
+    """A RISC-V hart. See the module docstring for how the fast and slow paths meet.
+
+    ``x`` has 33 entries: ``x[0..31]`` are the registers (``x[0]`` always 0) and ``x[32]``
+    is where instructions whose destination is x0 write, so decoded closures never test
+    for it. ``pc`` is current between :meth:`run` calls (inside a run the loop keeps it in
+    a local). Swap ``translator`` to change execution engines; see ``decode.Block``.
+    """
 
     def __init__(self, ram: GuestRAM, bus: Bus, *, hartid: int = 0,
                  time_source: Callable[[], int]) -> None:
@@ -390,6 +396,7 @@ class Hart:
                        f"{_PRIV_NAMES[old]}->{_PRIV_NAMES[new]} pc={self.pc:#x}")
 
     def set_mstatus(self, v: int) -> None:
+        """Write mstatus (already masked to writable fields), keeping caches coherent."""
         old = self.mstatus
         if (v >> MPP_SHIFT) & 3 == 2:  # reserved MPP: keep the old one
             v = (v & ~MPP) | (old & MPP)
@@ -398,6 +405,8 @@ class Hart:
             self._mmu_changed()
 
     def set_satp(self, v: int) -> None:
+        """Write satp. Flushing here is more than the spec asks (software must still
+        sfence.vma), but it means the TLBs never mix two address spaces."""
         self.satp = v
         self._mmu_changed()
 
@@ -417,9 +426,11 @@ class Hart:
         self._ipaged = paging and self.priv < 3
 
     def ecall(self, pc: int) -> int:
+        """ECALL never retires: it is an exception whose cause says who called."""
         raise Trap(8 + self.priv, 0, pc)
 
     def mret(self, bits: int, pc: int) -> int:
+        """Return from an M-mode trap; returns the next pc (mepc)."""
         if self.priv < 3:
             raise Trap(ILLEGAL, bits, pc)
         ms = self.mstatus
@@ -433,6 +444,7 @@ class Hart:
         return self.mepc
 
     def sret(self, bits: int, pc: int) -> int:
+        """Return from an S-mode trap (illegal in U, and in S when mstatus.TSR is set)."""
         if self.priv == 0 or (self.priv == 1 and self.mstatus & TSR):
             raise Trap(ILLEGAL, bits, pc)
         ms = self.mstatus
@@ -444,6 +456,11 @@ class Hart:
         return self.sepc
 
     def wfi(self, bits: int, pc: int, nxt: int) -> int:
+        """Wait for interrupt: a no-op if one is pending in mie, else stop :meth:`run`.
+
+        U-mode WFI is illegal because S-mode exists (a user could otherwise stall the
+        kernel's scheduler); S-mode WFI is illegal under mstatus.TW.
+        """
         if self.priv == 0 or (self.priv == 1 and self.mstatus & TW):
             raise Trap(ILLEGAL, bits, pc)
         if not self.mip & self.mie:
@@ -453,6 +470,7 @@ class Hart:
         return nxt
 
     def sfence_vma(self, bits: int, pc: int, nxt: int, rs1: int, rs2: int) -> int:
+        """Order page-table stores before later translations: drop every TLB entry."""
         if self.priv == 0 or (self.priv == 1 and self.mstatus & TVM):
             raise Trap(ILLEGAL, bits, pc)
         # Whole flush even for the by-address/ASID forms: refilling is cheap and this
@@ -465,6 +483,7 @@ class Hart:
         return nxt
 
     def fence_i(self) -> None:
+        """Make earlier stores visible to instruction fetch: forget all decoded code."""
         self._gen += 1
         self._attention = True
         self.blocks.clear()
@@ -472,6 +491,7 @@ class Hart:
         self.code_pages[:] = bytes(len(self.code_pages))
 
     def csr_op(self, f3: int, n: int, src: int, rd: int, bits: int, pc: int, idx: int) -> None:
+        """A Zicsr instruction (see :func:`vmcore.cpu.csr.csr_op`)."""
         csrmod.csr_op(self, f3, n, src, rd, bits, pc, idx)
         # A write may have enabled a pending interrupt (mie, mstatus, mideleg, ...).
         self._attention = True
@@ -505,6 +525,7 @@ class Hart:
             raise Trap(INSN_ACCESS, va, epc) from None
 
     def fetch_parcel_translated(self, va: int, epc: int) -> int:
+        """A parcel on another page than its instruction's start (a straddling insn)."""
         ppage = self.translate(va, mmu.FETCH, epc) >> 12
         return self.fetch_parcel(va, ppage, epc)
 
@@ -590,6 +611,8 @@ class Hart:
         return pa
 
     def load_reserved(self, va: int, size: int, pc: int) -> int:
+        """LR: load and reserve the physical address (one hart: nothing else can steal it
+        except this hart's own SC)."""
         pa = self._amo_target(va, size, pc, LOAD_MISALIGNED, mmu.LOAD)
         self.resv = pa
         v = int(_STRUCTS[size].unpack_from(self.ram.buf, pa - self.ram.base)[0])
@@ -598,6 +621,7 @@ class Hart:
         return v
 
     def store_conditional(self, va: int, size: int, val: int, pc: int) -> int:
+        """SC: store if the reservation is for this address; returns 0 on success."""
         pa = self._amo_target(va, size, pc, STORE_MISALIGNED, mmu.STORE)
         ok = self.resv == pa
         self.resv = -1
@@ -607,6 +631,7 @@ class Hart:
         return 0
 
     def amo(self, op: str, va: int, size: int, val: int, pc: int) -> int:
+        """An AMO: translated as a store (so it needs write permission and sets D)."""
         pa = self._amo_target(va, size, pc, STORE_MISALIGNED, mmu.STORE)
         mask = (1 << (8 * size)) - 1
         old = int(_STRUCTS[size].unpack_from(self.ram.buf, pa - self.ram.base)[0])
