@@ -170,9 +170,9 @@ def up(
     )
     names = [f"node-{i + 1}" for i in range(nodes)]
     address = ""
+    agents: dict[str, subprocess.Popen[bytes]] = {}
     try:
         address = _wait_for_address(layout, coordinator)
-        agents = {}
         for name in names:
             agents[name] = _spawn(
                 layout,
@@ -195,6 +195,12 @@ def up(
             )
         _wait_ready(layout, address, agents)
     except BaseException:
+        # These processes may not have exec'd yet, so their cmdline cannot be checked:
+        # end them by the handles we hold, then whatever else down() finds.
+        for process in [coordinator, *agents.values()]:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
         down(layout.root)
         raise
     info: dict[str, Any] = {
