@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgpack
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vmcore.devices.plic import Plic
 
@@ -100,3 +102,34 @@ def test_save_restore_round_trip() -> None:
     assert plic2.read(CLAIM1, 4) == 10
     with pytest.raises(ValueError):
         plic2.restore({**state, "version": 0})
+
+
+@given(
+    st.dictionaries(
+        st.integers(min_value=1, max_value=95),
+        st.tuples(st.integers(min_value=0, max_value=7), st.booleans()),
+        max_size=20,
+    )
+)
+def test_claims_come_in_priority_order_for_any_configuration(
+    sources: dict[int, tuple[int, bool]],
+) -> None:
+    plic, lines = make()
+    enables = [0, 0, 0]
+    for source, (prio, enabled) in sources.items():
+        plic.write(source * 4, 4, prio)
+        if enabled:
+            enables[source // 32] |= 1 << (source % 32)
+        plic.set_level(source, True)
+    for word, bits in enumerate(enables):
+        plic.write(ENABLE0 + 4 * word, 4, bits)
+    expected = sorted(
+        (s for s, (prio, enabled) in sources.items() if enabled and prio > 0),
+        key=lambda s: (-sources[s][0], s),
+    )
+    assert bool(lines.mip & MEIP) == bool(expected)
+    claimed = []
+    while source := plic.read(CLAIM0, 4):
+        claimed.append(source)
+    assert claimed == expected
+    assert not lines.mip & MEIP

@@ -49,6 +49,9 @@ class Plic:
         self.priority = [0] * NUM_SOURCES
         self.level = [False] * NUM_SOURCES
         self.pending = [False] * NUM_SOURCES
+        # The pending sources as a set too: usually empty or one element, so arbitration
+        # (run on every level change, e.g. per UART byte) does not scan all 95 sources.
+        self._pending_ids: set[int] = set()
         self.claimed = [False] * NUM_SOURCES
         self.enable = [[0] * _WORDS for _ in range(CONTEXTS)]
         self.threshold = [0] * CONTEXTS
@@ -65,11 +68,18 @@ class Plic:
             raise ValueError(f"PLIC source {source} out of range 1..{NUM_SOURCES - 1}")
         self.level[source] = level
         if level and not self.claimed[source]:
-            self.pending[source] = True
+            self._set_pending(source, True)
         elif not level:
             # Level-triggered: a source that drops its line before being claimed withdraws.
-            self.pending[source] = False
+            self._set_pending(source, False)
         self._update()
+
+    def _set_pending(self, source: int, value: bool) -> None:
+        self.pending[source] = value
+        if value:
+            self._pending_ids.add(source)
+        else:
+            self._pending_ids.discard(source)
 
     # -- arbitration ---------------------------------------------------------------------
 
@@ -79,12 +89,8 @@ class Plic:
     def _best(self, ctx: int, threshold: int) -> int:
         """The highest-priority pending, enabled source above ``threshold`` (0 if none)."""
         best, best_prio = 0, threshold
-        for source in range(1, NUM_SOURCES):
-            if (
-                self.pending[source]
-                and self.priority[source] > best_prio
-                and self._enabled(ctx, source)
-            ):
+        for source in sorted(self._pending_ids):
+            if self.priority[source] > best_prio and self._enabled(ctx, source):
                 best, best_prio = source, self.priority[source]
         return best
 
@@ -98,7 +104,7 @@ class Plic:
     def claim(self, ctx: int) -> int:
         source = self._best(ctx, 0)
         if source:
-            self.pending[source] = False
+            self._set_pending(source, False)
             self.claimed[source] = True
             self._update()
         return source
@@ -108,7 +114,7 @@ class Plic:
             return  # the specification says such completions are ignored
         self.claimed[source] = False
         if self.level[source]:
-            self.pending[source] = True
+            self._set_pending(source, True)
         self._update()
 
     # -- bus interface -------------------------------------------------------------------
@@ -194,6 +200,7 @@ class Plic:
         self.priority = [int(p) & PRIORITY_MASK for p in state["priority"]]
         self.level = [bool(v) for v in state["level"]]
         self.pending = [bool(v) for v in state["pending"]]
+        self._pending_ids = {i for i, p in enumerate(self.pending) if p and i > 0}
         self.claimed = [bool(v) for v in state["claimed"]]
         self.enable = [[int(w) for w in words] for words in state["enable"]]
         self.threshold = [int(t) & PRIORITY_MASK for t in state["threshold"]]
