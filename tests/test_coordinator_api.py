@@ -28,7 +28,7 @@ def cl() -> Iterator[CoordCluster]:
 def code_of(call: object) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as e:
         call()  # type: ignore[operator]
-    return e.value.code()  # type: ignore[no-any-return]
+    return e.value.code()
 
 
 def test_nodes_register_with_capacity_and_labels(cl: CoordCluster) -> None:
