@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pty
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -274,3 +275,36 @@ def test_fw_dynamic_finds_the_kernel_through_a2() -> None:
     assert done.returncode == 0, done.stdout.decode(errors="replace")
     assert b"Domain0 Next Address      : 0x0000000080200000" in done.stdout
     assert b"sbi-hello: shutting down" in done.stdout
+
+
+@pytest.mark.skipif(not TICKER.exists(), reason="guest images not built")
+def test_sigterm_with_save_on_exit_stops_cleanly_with_a_snapshot(tmp_path: Path) -> None:
+    snap = tmp_path / "t.snap"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vmcore.cli",
+            "run",
+            "--kernel",
+            str(TICKER),
+            "--save-on-exit",
+            str(snap),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    first_tick = proc.stdout.readline()  # the guest is running
+    proc.send_signal(signal.SIGUSR1)  # a snapshot while it keeps running
+    proc.stdout.readline()
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert first_tick.startswith(b"tick 0")
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+    assert err.decode().count("saved snapshot") == 2
+    restored = ferry_vm("restore", str(snap), "--timeout", "0.5")
+    assert restored.returncode == 124
+    assert restored.stdout.startswith(b"tick ")

@@ -227,22 +227,29 @@ def restore_vm(args: argparse.Namespace) -> int:
     return _foreground(vm, console, args)
 
 
-class _SnapshotRequest:
-    """Set by SIGUSR1; the run loop writes the snapshot between slices, never mid-slice."""
+class _Signals:
+    """Signals noted for the run loop, which acts on them between slices, never mid-slice:
+    a hart interrupted inside a slice is not in a state worth saving."""
 
     def __init__(self) -> None:
-        self.pending = False
+        self.snapshot = False
+        self.stop: int | None = None
 
-    def __call__(self, signum: int, frame: object) -> None:
-        self.pending = True
+    def on_snapshot(self, signum: int, frame: object) -> None:
+        self.snapshot = True
+
+    def on_stop(self, signum: int, frame: object) -> None:
+        self.stop = signum
 
 
 def _foreground(vm: VM, console: _Console, args: argparse.Namespace) -> int:
     """Run ``vm`` with the console attached until it ends; returns the exit status."""
     save_path: str | None = args.save_on_exit
-    request = _SnapshotRequest()
+    request = _Signals()
     if save_path is not None:
-        signal.signal(signal.SIGUSR1, request)
+        signal.signal(signal.SIGUSR1, request.on_snapshot)
+        signal.signal(signal.SIGINT, request.on_stop)
+        signal.signal(signal.SIGTERM, request.on_stop)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     status = EXIT_INTERRUPTED
     try:
@@ -268,7 +275,7 @@ def _drive(
     vm: VM,
     console: _Console,
     deadline: float | None,
-    request: _SnapshotRequest,
+    request: _Signals,
     save_path: str | None,
 ) -> int:
     while True:
@@ -280,8 +287,10 @@ def _drive(
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             return EXIT_TIMEOUT
-        if request.pending and save_path is not None:
-            request.pending = False
+        if request.stop is not None:
+            return 128 + request.stop  # the shell's status for "killed by this signal"
+        if request.snapshot and save_path is not None:
+            request.snapshot = False
             _save(vm, save_path)  # pauses for the write and lets the guest continue
         wait = 0.0
         if result.reason == "idle":
