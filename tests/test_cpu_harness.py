@@ -61,6 +61,21 @@ def assemble(src: str, base: int = RAM_BASE, prelude: bool = True) -> bytes:
         return (t / "p.bin").read_bytes()
 
 
+# Which engine Machine's hart uses: 0 = the reference closures only, 1 = every block
+# compiled before its first run (vmcore.cpu.compile). The `engine` fixture runs each CPU
+# test under both.
+HOT_THRESHOLD = {"value": 0}
+
+
+ENGINES = [0, 1]
+ENGINE_IDS = ["closures", "compiled"]
+
+
+def use_engine(hot_threshold: int) -> int:
+    HOT_THRESHOLD["value"] = hot_threshold
+    return hot_threshold
+
+
 class ExitDevice:
     def __init__(self) -> None:
         self.value: int | None = None
@@ -85,6 +100,7 @@ class Machine:
         self.bus.attach(EXIT_ADDR, 0x1000, self.exit, "exit")
         self.time = 0
         self.hart = Hart(self.ram, self.bus, time_source=lambda: self.time)
+        self.hart.hot_threshold = HOT_THRESHOLD["value"]
         self.exit.hart = self.hart
         self.ram.write(RAM_BASE, image)
         self.hart.reset(RAM_BASE)

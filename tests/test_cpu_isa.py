@@ -8,11 +8,17 @@ special cases), written out as Python integers.
 from __future__ import annotations
 
 import pytest
-from test_cpu_harness import Machine, assemble, needs_as, run
+from test_cpu_harness import ENGINE_IDS, ENGINES, Machine, assemble, needs_as, run, use_engine
 
 from vmcore.cpu import rvc
 
 M64 = (1 << 64) - 1
+
+
+@pytest.fixture(autouse=True, params=ENGINES, ids=ENGINE_IDS)
+def engine(request: pytest.FixtureRequest) -> int:
+    """Every test here runs on the reference closures and on compiled blocks."""
+    return use_engine(request.param)
 
 
 def u(v: int) -> int:

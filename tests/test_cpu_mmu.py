@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from test_cpu_harness import Machine, assemble, needs_as
+from test_cpu_harness import ENGINE_IDS, ENGINES, Machine, assemble, needs_as, use_engine
 
 V, R, W, X, U, A, D = 1, 2, 4, 8, 16, 64, 128
 VA = 0x4000_0000
@@ -25,6 +25,12 @@ PAGES = {
     4: ("page0", 0),                    # invalid
     5: ("page5", V | R | W | X | A | D),  # executable page for fetch tests
 }
+
+
+@pytest.fixture(autouse=True, params=ENGINES, ids=ENGINE_IDS)
+def engine(request: pytest.FixtureRequest) -> int:
+    """Every test here runs on the reference closures and on compiled blocks."""
+    return use_engine(request.param)
 
 
 def program(body: str, mode: str = "S") -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import msgpack
 import pytest
-from test_cpu_harness import Machine, assemble, needs_as, run
+from test_cpu_harness import ENGINE_IDS, ENGINES, Machine, assemble, needs_as, run, use_engine
 
 from vmcore.cpu import MEIP, MSIP, MTIP, SEIP, STIP, Hart
 
@@ -25,6 +25,12 @@ M_HANDLER = """
     EXIT a0
 """
 SETUP = "la t0, m_handler\ncsrw mtvec, t0\n"
+
+
+@pytest.fixture(autouse=True, params=ENGINES, ids=ENGINE_IDS)
+def engine(request: pytest.FixtureRequest) -> int:
+    """Every test here runs on the reference closures and on compiled blocks."""
+    return use_engine(request.param)
 
 
 def trapping(body: str) -> Machine:

@@ -11,9 +11,15 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_cpu_harness import HAVE_AS, Machine, assemble
+from test_cpu_harness import ENGINE_IDS, ENGINES, HAVE_AS, Machine, assemble, use_engine
 
 from vmcore.memory import PAGE_SIZE, GuestRAM
+
+
+@pytest.fixture(autouse=True, params=ENGINES, ids=ENGINE_IDS)
+def engine(request: pytest.FixtureRequest) -> int:
+    """Every test here runs on the reference closures and on compiled blocks."""
+    return use_engine(request.param)
 
 
 def test_ram_geometry_and_zero_copy_pages() -> None:
@@ -127,7 +133,9 @@ entries = st.lists(
 
 
 @pytest.mark.skipif(not HAVE_AS, reason="riscv64-unknown-elf-as not installed")
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# The autouse `engine` fixture only selects the hart's engine; it holds no per-example state.
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(entries, st.lists(st.integers(1, 60), min_size=1, max_size=30), st.booleans())
 def test_fetches_return_exactly_the_pages_written_in_between(
     table: list[tuple[int, int, int]], budgets: list[int], early_enable: bool

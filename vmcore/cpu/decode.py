@@ -37,45 +37,69 @@ MAX_BLOCK = 64
 Op = Callable[[], Any]
 
 
+# What a block remembers about each instruction, so a hot block can be recompiled:
+# (expanded instruction word, pc, length), or (LINK, rd, value) for the link-register
+# write of a direct jump that the block followed, or (END, next pc, 0) for a block that
+# simply falls through to the next pc.
+Info = tuple[int, int, int]
+LINK = -1
+END = -2
+
+
 class Block:
     """A decoded straight-line run of guest instructions starting at one pc.
 
-    ``run()`` executes the whole block and returns the next pc. It is one generated
-    function per block *length* (not per block, so nothing is compiled at decode time)
-    that calls each instruction closure in turn; that saves the per-instruction cost of
-    a Python ``for`` loop over ``ops``.
+    ``run()`` executes the whole block and returns the next pc. At first it is one
+    generated function per block *length* (so nothing is compiled at decode time) that
+    calls each instruction closure in turn, which saves the per-instruction cost of a
+    Python ``for`` loop over ``ops``. When ``promote`` is given, that caller counts its
+    executions and, once the block is hot, returns ``promote(block)`` instead, which
+    replaces ``run`` with something faster (see :mod:`vmcore.cpu.compile`) and runs it.
     """
 
-    __slots__ = ("link", "link_gen", "link_pc", "n", "ops", "pcs", "ppage", "run", "term")
+    __slots__ = ("infos", "link", "link_gen", "link_pc", "n", "ops", "pcs", "ppage", "run",
+                 "term", "term_info")
 
     def __init__(self, ops: tuple[Op, ...], term: Callable[[], int], pcs: list[int],
-                 ppage: int) -> None:
+                 ppage: int, infos: list[Info], term_info: Info,
+                 promote: tuple[int, Callable[[Block], int]] | None = None) -> None:
         self.ops = ops
         self.term = term
         self.pcs = pcs
         self.n = len(pcs)
         self.ppage = ppage
-        self.run: Callable[[], int] = _runner(len(ops))(*ops, term)
+        self.infos = infos
+        self.term_info = term_info
+        if promote is None:
+            self.run: Callable[[], int] = _runner(len(ops), False)(*ops, term)
+        else:
+            threshold, fn = promote
+            self.run = _runner(len(ops), True)(*ops, term, threshold, lambda: fn(self))
         # The run loop's chaining cache: the block that followed this one last time.
         self.link: Block = self
         self.link_pc = -1
         self.link_gen = -1
 
 
-_RUNNERS: dict[int, Callable[..., Callable[[], int]]] = {}
+_RUNNERS: dict[tuple[int, bool], Callable[..., Callable[[], int]]] = {}
 
 
-def _runner(n: int) -> Callable[..., Callable[[], int]]:
+def _runner(n: int, counted: bool) -> Callable[..., Callable[[], int]]:
     """A factory binding ``n`` instruction closures and a terminator into one function."""
-    mk = _RUNNERS.get(n)
+    mk = _RUNNERS.get((n, counted))
     if mk is None:
         names = [f"o{i}" for i in range(n)]
         body = "".join(f"        {name}()\n" for name in names)
-        src = (f"def mk({', '.join([*names, 't'])}):\n    def run():\n{body}"
-               f"        return t()\n    return run\n")
+        if counted:
+            params = ", ".join([*names, "t", "left", "hot"])
+            body = "        nonlocal left\n        left -= 1\n        if not left:\n" \
+                   "            return hot()\n" + body
+        else:
+            params = ", ".join([*names, "t"])
+        src = f"def mk({params}):\n    def run():\n{body}        return t()\n    return run\n"
         ns: dict[str, Any] = {}
         exec(compile(src, f"<block runner {n}>", "exec"), ns)
-        mk = _RUNNERS[n] = ns["mk"]
+        mk = _RUNNERS[(n, counted)] = ns["mk"]
     return mk
 
 
@@ -527,7 +551,9 @@ def translate_block(h: Hart, pc: int, ppage: int) -> tuple[Block, bool]:
     """
     ops: list[Op] = []
     pcs: list[int] = []
+    infos: list[Info] = []
     term: Callable[[], int] | None = None
+    term_info: Info = (END, 0, 0)
     cur = pc
     page_end = (pc | 4095) + 1
     cacheable = True
@@ -566,16 +592,22 @@ def translate_block(h: Hart, pc: int, ppage: int) -> tuple[Block, bool]:
                 pcs.append(cur)
                 if rd:
                     ops.append(_mk_link(h.x, rd, (cur + ilen) & M))
+                    infos.append((LINK, rd, (cur + ilen) & M))
                 cur = target
                 continue
         fn, ends = decode(h, insn, bits, cur, ilen, len(pcs))
+        info = (insn, cur, ilen)
         pcs.append(cur)
         cur = (cur + ilen) & M
         if ends:
             term = fn
+            term_info = info
             break
         ops.append(fn)
+        infos.append(info)
     if term is None:
         end = cur
         term = lambda: end  # noqa: E731
-    return Block(tuple(ops), term, pcs, ppage), cacheable
+        term_info = (END, end, 0)
+    promote = (h.hot_threshold, h.promote_block) if h.hot_threshold > 0 else None
+    return Block(tuple(ops), term, pcs, ppage, infos, term_info, promote), cacheable

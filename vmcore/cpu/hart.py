@@ -28,6 +28,7 @@ from typing import Any
 from vmcore.bus import Bus, BusError
 from vmcore.cpu import csr as csrmod
 from vmcore.cpu import mmu
+from vmcore.cpu.compile import compile_block
 from vmcore.cpu.csr import (
     MEIP,
     MIE,
@@ -112,6 +113,9 @@ class Hart:
         self.page_blocks: dict[int, list[int]] = {}
         self.code_pages = bytearray(ram.page_count)
         self.translator: Translator = translate_block
+        # Blocks run this many times are recompiled into one Python function each
+        # (vmcore.cpu.compile); 0 keeps every block on the reference closures.
+        self.hot_threshold = 16
         self._exit = False
         # Set whenever the run loop must leave straight-line execution to look around:
         # interrupt lines, CSR writes, mode changes, invalidations, exit requests.
@@ -338,6 +342,11 @@ class Hart:
                 # Stores to this page must now take the slow path, which invalidates.
                 self.wtlb.clear()
         return blk
+
+    def promote_block(self, blk: Block) -> int:
+        """Called by a block that turned hot: swap in its compiled form and run that."""
+        blk.run = compile_block(self, blk)
+        return blk.run()
 
     def _invalidate_code_page(self, idx: int) -> None:
         self.code_pages[idx] = 0
