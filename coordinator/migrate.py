@@ -21,11 +21,13 @@ from protos.ferry.v1 import coordinator_pb2, node_pb2, types_pb2
 
 log = logging.getLogger("ferry-coordinator")
 
+# UNKNOWN (the stream broke after the final message) is newer than some agents' protos.
+MIGRATION_UNKNOWN: int | None = getattr(types_pb2, "MIGRATION_STATE_UNKNOWN", None)
 _TERMINAL = {
     types_pb2.MIGRATION_STATE_COMPLETED,
     types_pb2.MIGRATION_STATE_FAILED,
     types_pb2.MIGRATION_STATE_CANCELLED,
-}
+} | ({MIGRATION_UNKNOWN} if MIGRATION_UNKNOWN is not None else set())
 DEFAULT_PARALLEL = 2
 
 
@@ -119,6 +121,8 @@ class Mover:
                 ),
             )
             final = await self._follow(op, item, source, name)
+            if MIGRATION_UNKNOWN is not None and final.status == MIGRATION_UNKNOWN:
+                final = await self._settle_unknown(final, name, source, dest)
             if final.status != types_pb2.MIGRATION_STATE_COMPLETED:
                 state = types_pb2.MigrationState.Name(final.status).removeprefix("MIGRATION_STATE_")
                 raise CoordinatorError(
@@ -132,7 +136,11 @@ class Mover:
             item.message = e.message
             c.ops.save(op)
             c.ops.event(
-                "vm-migration-failed", node=source, vm=name, message=f"migration failed: {e.message}", op=op
+                "vm-migration-failed",
+                node=source,
+                vm=name,
+                message=f"migration failed: {e.message}",
+                op=op,
             )
             # The VM still runs on the source; the destination's half-built copy must go.
             try:
@@ -173,6 +181,30 @@ class Mover:
                 c.store.put_vm(vm)
         except CoordinatorError:
             pass
+
+    async def _settle_unknown(
+        self, final: types_pb2.MigrationStatus, name: str, source: str, dest: str
+    ) -> types_pb2.MigrationStatus:
+        """The stream broke after the final message: the destination says who runs the guest.
+
+        The source holds its copy paused until told. If the destination runs the guest the
+        migration completed; otherwise the source resumes and the migration failed.
+        """
+        c = self.cluster
+        settled = types_pb2.MigrationStatus()
+        settled.CopyFrom(final)
+        try:
+            info = await c.call(dest, "GetVM", node_pb2.VMRef(name=name), timeout=30)
+            running = info.state == types_pb2.VM_STATE_RUNNING
+        except CoordinatorError:
+            running = False
+        if running:
+            settled.status = types_pb2.MIGRATION_STATE_COMPLETED
+            return settled
+        await c.call(source, "ResumeVM", node_pb2.VMRef(name=name), timeout=30)
+        settled.status = types_pb2.MIGRATION_STATE_FAILED
+        settled.error = final.error or "the stream broke at switchover; the source resumed"
+        return settled
 
     async def _follow(
         self,

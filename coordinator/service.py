@@ -262,14 +262,16 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         threading.Thread(target=pump, name=f"console-in-{name}", daemon=True).start()
         current: list[Any] = []
         context.add_callback(lambda: [call.cancel() for call in current])
-        next_offset: dict[str, int] = {}
+        # Console offsets belong to the VM, not the node: a migrated VM's destination
+        # carries its console history, so each reopen continues where the last one ended.
+        next_offset = offset
         while context.is_active():
             stop = threading.Event()
 
             open_request = node_pb2.ConsoleRequest(
                 open=node_pb2.ConsoleOpen(
                     name=name,
-                    offset=next_offset.get(node, offset if not next_offset else 0),
+                    offset=next_offset,
                     follow=follow,
                 )
             )
@@ -282,7 +284,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 current[:] = [call]
                 for message in call:
                     if message.data:
-                        next_offset[node] = message.offset + len(message.data)
+                        next_offset = message.offset + len(message.data)
                         yield coordinator_pb2.ConsoleChunk(data=message.data, node=node)
                     if message.vm_state:
                         ended_state = message.vm_state
