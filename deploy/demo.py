@@ -188,7 +188,7 @@ def run(root: Path) -> None:
     say("Live-migrate the ticker while its console keeps printing")
     source = vms(address)["ticker"]["node"]
     before = len(console.lines)
-    last_tick = console.lines[-1].split()[1]
+    last_tick = [ln.split()[1] for ln in console.lines if ln.startswith("tick ")][-1]
     ferry(address, "vm", "migrate", "ticker")
     console.wait_lines(before + 3)
     after = vms(address)["ticker"]["node"]
