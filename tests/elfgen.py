@@ -14,8 +14,10 @@ def make_elf(
     machine: int = EM_RISCV,
     elf_class: int = 2,
     endian: int = 1,
+    virtual_offset: int = 0,
 ) -> bytes:
-    """An ELF64 executable whose PT_LOAD segments are ``(paddr, file_bytes, memsz)``."""
+    """An ELF64 executable whose PT_LOAD segments are ``(paddr, file_bytes, memsz)``,
+    linked ``virtual_offset`` above their physical addresses (as vmlinux is)."""
     ehsize, phentsize = 64, 56
     phoff = ehsize
     data_off = phoff + phentsize * len(segments)
@@ -23,10 +25,11 @@ def make_elf(
     payload = b""
     for paddr, data, memsz in segments:
         offset = data_off + len(payload)
-        phdrs += struct.pack("<IIQQQQQQ", 1, 7, offset, paddr, paddr, len(data), memsz, 0x1000)
+        vaddr = paddr + virtual_offset
+        phdrs += struct.pack("<IIQQQQQQ", 1, 7, offset, vaddr, paddr, len(data), memsz, 0x1000)
         payload += data
     if entry is None:
-        entry = segments[0][0] if segments else 0
+        entry = segments[0][0] + virtual_offset if segments else 0
     ident = b"\x7fELF" + bytes([elf_class, endian, 1, 0]) + bytes(8)
     header = ident + struct.pack(
         "<HHIQQQIHHHHHH",

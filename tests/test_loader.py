@@ -21,8 +21,10 @@ def write(tmp_path: Path, name: str, data: bytes) -> str:
 
 
 def test_elf_segments_load_at_their_addresses_with_zeroed_bss(tmp_path: Path) -> None:
-    elf = make_elf([(BASE + 0x1000, b"\x13\x00\x00\x00", 0x20), (BASE + 0x3000, b"DATA", 4)],
-                   entry=BASE + 0x1000)
+    elf = make_elf(
+        [(BASE + 0x1000, b"\x13\x00\x00\x00", 0x20), (BASE + 0x3000, b"DATA", 4)],
+        entry=BASE + 0x1000,
+    )
     image = parse_image(write(tmp_path, "k.elf", elf), BASE)
     assert image.is_elf and image.entry == BASE + 0x1000
     ram = GuestRAM(SIZE, BASE)
@@ -84,3 +86,12 @@ def test_overlap_between_firmware_and_kernel_rejected(tmp_path: Path) -> None:
     kernel = parse_image(write(tmp_path, "k.bin", b"k"), BASE + 0x2000)
     with pytest.raises(LoaderError, match="overlaps"):
         check_placement([fw, kernel], BASE, SIZE)
+
+
+def test_virtually_linked_kernel_enters_at_the_physical_address(tmp_path: Path) -> None:
+    elf = make_elf(
+        [(BASE + 0x20_0000, b"\x13\x00\x00\x00", 4)], virtual_offset=0xFFFF_FFFF_0000_0000
+    )
+    image = parse_image(write(tmp_path, "vmlinux", elf), BASE)
+    assert image.entry == BASE + 0x20_0000
+    assert image.segments[0].addr == BASE + 0x20_0000

@@ -99,6 +99,8 @@ def _parse_elf(path: str, data: bytes, what: str) -> Image:
             arch = str(machine).removeprefix("EM_")
             raise LoaderError(f"{name}: ELF for {arch}, not RISC-V")
         segments: list[Segment] = []
+        entry = elf["e_entry"]
+        physical_entry = None
         for index in range(elf.num_segments()):
             header = elf.get_segment(index).header
             if header["p_type"] != "PT_LOAD" or header["p_memsz"] == 0:
@@ -112,7 +114,13 @@ def _parse_elf(path: str, data: bytes, what: str) -> Image:
                     f"file has {len(data)})"
                 )
             segments.append(Segment(header["p_paddr"], data[offset : offset + filesz], memsz))
-        entry = elf["e_entry"]
+            vaddr = header["p_vaddr"]
+            if physical_entry is None and vaddr <= entry < vaddr + memsz:
+                # A kernel linked to run at a virtual address (vmlinux) names its entry
+                # virtually; the hart starts with paging off, at the physical copy.
+                physical_entry = header["p_paddr"] + (entry - vaddr)
+        if physical_entry is not None:
+            entry = physical_entry
     except ELFError as e:
         raise LoaderError(f"{name}: malformed ELF ({e})") from None
     except (ValueError, OverflowError) as e:  # pyelftools' struct errors on a short file
