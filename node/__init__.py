@@ -1,1 +1,3 @@
-"""Ferry node package."""
+"""Ferry node package: the node agent (ferry-node), its VMM workers, live migration."""
+
+FERRY_VERSION = "0.1.0"

@@ -17,8 +17,10 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
+import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,10 +30,12 @@ from typing import Any
 
 import grpc
 import trio
+from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from node import registration, supervisor
+from node import FERRY_VERSION, registration, supervisor
+from node.console import log_end
 from node.errors import AgentError, invalid, not_found
 from node.service import NodeAgentService
 from node.validation import NAME_RE, check_file, check_name, check_spec
@@ -42,13 +46,15 @@ from vmcore.sizes import parse_size
 
 log = logging.getLogger("ferry-node")
 
-FERRY_VERSION = "0.1.0"
 DEFAULT_STOP_TIMEOUT = 10.0
 WORKER_START_TIMEOUT = 60.0
+DEFAULT_INCOMING_TIMEOUT = 60.0
+MAX_TOKEN_BYTES = 1024
 
 _FINAL_STATES = {
     "stopped": types_pb2.VM_STATE_STOPPED,
     "failed": types_pb2.VM_STATE_FAILED,
+    "migrated": types_pb2.VM_STATE_MIGRATED,
 }
 _LIVE_STATES = {
     types_pb2.VM_STATE_CREATED,
@@ -143,7 +149,14 @@ class Agent:
 
     # -- supervision -------------------------------------------------------------------
 
-    async def _spawn(self, record: VMRecord, *, start: bool, restore: str | None = None) -> None:
+    async def _spawn(
+        self,
+        record: VMRecord,
+        *,
+        start: bool,
+        restore: str | None = None,
+        incoming: bool = False,
+    ) -> None:
         """Start a worker for ``record`` and wait until it serves, or raise why it could not."""
         vm_dir = record.vm_dir
         with contextlib.suppress(FileNotFoundError):
@@ -156,7 +169,7 @@ class Agent:
         with contextlib.suppress(FileNotFoundError):
             vm_dir.socket.unlink()  # a killed predecessor's: readiness means the new socket
         process = await supervisor.spawn_worker(
-            vm_dir, self.config.console_buffer, start=start, restore=restore
+            vm_dir, self.config.console_buffer, start=start, restore=restore, incoming=incoming
         )
         record.pid = process.pid
         record.final = None
@@ -293,8 +306,7 @@ class Agent:
                 info.exit_code = int(final["exit_code"])
             info.instret = int(final.get("instret") or 0)
             info.guest_seconds = float(final.get("guest_seconds") or 0.0)
-            with contextlib.suppress(OSError):
-                info.console_bytes = record.vm_dir.console_log.stat().st_size
+            info.console_bytes = log_end(record.vm_dir.console_log)
         return info
 
     def _holds_resources(self, record: VMRecord) -> bool:
@@ -399,6 +411,117 @@ class Agent:
                 raise
         log.info("VM %s: restored from %s", name, path)
         return self._info(record)
+
+    # -- live migration ------------------------------------------------------------------
+
+    def _migration_host(self) -> tuple[str, str]:
+        """(address a migration worker binds, host the source is told to connect to)."""
+        host = self.address.rpartition(":")[0].strip("[]")
+        if host in ("", "0.0.0.0", "::"):
+            return host or "0.0.0.0", socket.getfqdn()
+        return host, host
+
+    @staticmethod
+    def _replaceable(record: VMRecord) -> bool:
+        """A copy that moved away, or an incoming VM that never arrived, may be replaced
+        by a new incoming migration of the same name."""
+        if record.has_worker or record.final is None:
+            return False
+        return record.final.get("state") == "migrated" or bool(record.final.get("incoming_failed"))
+
+    async def prepare_incoming(
+        self, spec: types_pb2.VMSpec, token: bytes, timeout: float
+    ) -> node_pb2.PrepareIncomingResponse:
+        spec = check_spec(spec)
+        if timeout < 0 or timeout > 3600:
+            raise invalid(f"timeout_s {timeout} is outside 0 .. 3600")
+        if len(token) > MAX_TOKEN_BYTES:
+            raise invalid(f"token is longer than {MAX_TOKEN_BYTES} bytes")
+        token = token or secrets.token_bytes(32)
+        bind_host, advertised = self._migration_host()
+        async with self._admission:
+            existing = self.vms.get(spec.name)
+            if existing is not None:
+                if not self._replaceable(existing):
+                    raise AgentError(
+                        grpc.StatusCode.ALREADY_EXISTS, f"a VM named {spec.name!r} already exists"
+                    )
+                del self.vms[spec.name]
+            self._admit(spec)
+            vm_dir = VMDir(self.data_dir, spec.name)
+            if vm_dir.path.exists():
+                shutil.rmtree(vm_dir.path)
+            vm_dir.create()
+            vm_dir.write_spec(spec)
+            record = VMRecord(vm_dir, spec, created_at=time.time())
+            self.vms[spec.name] = record
+            try:
+                await self._spawn(record, start=False, incoming=True)
+                if record.client is None:
+                    raise AgentError(
+                        grpc.StatusCode.INTERNAL, f"the incoming worker of {spec.name!r} ended"
+                    )
+                endpoint = await record.client.listen_incoming(
+                    token, bind_host, timeout or DEFAULT_INCOMING_TIMEOUT
+                )
+            except BaseException:
+                del self.vms[spec.name]
+                if record.has_worker:
+                    record.expected_exit = True
+                    supervisor.kill(record.pid)
+                    await record.exited.wait()
+                shutil.rmtree(vm_dir.path, ignore_errors=True)
+                raise
+        if advertised != bind_host:
+            endpoint = f"{advertised}:{endpoint.rpartition(':')[2]}"
+        log.info("VM %s: incoming migration prepared on %s", spec.name, endpoint)
+        return node_pb2.PrepareIncomingResponse(
+            endpoint=endpoint, token=token, vm=self._info(record)
+        )
+
+    async def start_migration(
+        self, name: str, endpoint: str, token: bytes, options: types_pb2.MigrationOptions
+    ) -> types_pb2.MigrationStatus:
+        record = self._record(name)
+        if record.client is None or not record.has_worker:
+            state = types_pb2.VMState.Name(self._info(record).state)[9:].lower()
+            raise AgentError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"VM {name!r} is {state}; only a running VM can be live-migrated",
+            )
+        status = await record.client.start_migration(endpoint, token, options)
+        await self._refresh(record)
+        log.info("VM %s: migrating to %s", name, endpoint)
+        return status
+
+    def _saved_migration(self, record: VMRecord) -> types_pb2.MigrationStatus:
+        try:
+            return json_format.Parse(
+                record.vm_dir.migration_file.read_text(), types_pb2.MigrationStatus()
+            )
+        except (OSError, json_format.ParseError):
+            return types_pb2.MigrationStatus(vm=record.name, status=types_pb2.MIGRATION_STATE_NONE)
+
+    async def get_migration(self, name: str) -> types_pb2.MigrationStatus:
+        record = self._record(name)
+        if record.client is not None and record.has_worker:
+            with contextlib.suppress(AgentError):
+                status = await record.client.get_migration()
+                if status.status != types_pb2.MIGRATION_STATE_NONE:
+                    return status
+        # No worker, or one that never migrated: the last migration's final figures.
+        return self._saved_migration(record)
+
+    async def cancel_migration(self, name: str) -> types_pb2.MigrationStatus:
+        record = self._record(name)
+        if record.client is not None and record.has_worker:
+            with contextlib.suppress(AgentError):
+                status = await record.client.cancel_migration()
+                if status.status != types_pb2.MIGRATION_STATE_NONE:
+                    log.info("VM %s: migration cancel requested", name)
+                    await self._refresh(record)
+                    return status
+        return self._saved_migration(record)
 
     async def start_vm(self, name: str) -> types_pb2.VMInfo:
         record = self._record(name)

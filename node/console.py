@@ -1,8 +1,14 @@
 """A VM's console output: a ring buffer for followers, backed by a complete on-disk log.
 
 Offsets are positions in everything the VM ever printed (across reboots, since the log
-file is appended to), so a client that reconnects with the offset it reached sees no gap
-and no repeated byte. Recent output is served from memory; older offsets from the log.
+file is appended to, and across live migrations), so a client that reconnects with the
+offset it reached sees no gap and no repeated byte. Recent output is served from memory;
+older offsets from the log.
+
+A VM that arrived by live migration brings only its recent output (see
+:mod:`node.migration_endpoint`): its log file then starts at a non-zero absolute offset,
+the *base*, recorded in ``console.base`` beside the log. Offsets before the base are no
+longer kept; a read from one starts at the base.
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ class ConsoleLog:
     def __init__(self, log_path: Path, ring_size: int) -> None:
         self._path = log_path
         self._fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._base = log_base(log_path)
         self._ring = bytearray()
         self._ring_size = max(ring_size, 1)
-        self._ring_start = os.fstat(self._fd).st_size
+        self._ring_start = self._base + os.fstat(self._fd).st_size
         self._pending = bytearray()
         self._changed = trio.Event()
         self.closed = False
@@ -48,6 +55,33 @@ class ConsoleLog:
         if excess > 0:
             del self._ring[:excess]
             self._ring_start += excess
+        self._wake()
+
+    def history(self, limit: int) -> tuple[int, bytes]:
+        """The last ``limit`` bytes of output (or all of it): (absolute start, data)."""
+        start = max(self.total - limit, self._base)
+        data = bytearray()
+        while start + len(data) < self.total:
+            _, chunk = self.read(start + len(data), self.total - start - len(data))
+            if not chunk:
+                break
+            data += chunk
+        return start, bytes(data)
+
+    def adopt(self, start: int, data: bytes) -> None:
+        """Continue another console (a migrated VM's): ``data`` was its output from absolute
+        offset ``start`` on, and the next byte printed here follows it."""
+        self.flush()
+        os.ftruncate(self._fd, 0)
+        base_file = _base_file(self._path)
+        if start:
+            base_file.write_text(f"{start}\n")
+        else:
+            base_file.unlink(missing_ok=True)
+        os.write(self._fd, data)
+        self._base = start
+        self._ring = bytearray(data[-self._ring_size :])
+        self._ring_start = start + len(data) - len(self._ring)
         self._wake()
 
     def close(self) -> None:
@@ -74,7 +108,9 @@ class ConsoleLog:
         if offset >= self._ring_start:
             start = offset - self._ring_start
             return offset, bytes(self._ring[start : start + limit])
-        return offset, read_log(self._path, offset, min(limit, self._ring_start - offset))
+        offset = max(offset, self._base)
+        size = min(limit, self._ring_start - offset)
+        return offset, read_log(self._path, offset - self._base, size)
 
     async def wait_read(self, offset: int, timeout: float) -> tuple[int, bytes, bool]:
         """Like ``read``, but waits up to ``timeout`` for output at ``offset``.
@@ -89,8 +125,38 @@ class ConsoleLog:
         return start, data, self.closed and start + len(data) >= self.total
 
 
+def _base_file(log_path: Path) -> Path:
+    return log_path.parent / "console.base"
+
+
+def log_base(log_path: Path) -> int:
+    """Absolute offset of the log file's first byte (non-zero after a migration)."""
+    try:
+        return int(_base_file(log_path).read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+def log_end(log_path: Path) -> int:
+    """Absolute offset one past the log's last byte: the VM's console byte count."""
+    try:
+        size = log_path.stat().st_size
+    except OSError:
+        size = 0
+    return log_base(log_path) + size
+
+
+def read_console(log_path: Path, offset: int, limit: int = READ_CHUNK) -> tuple[int, bytes]:
+    """Bytes of a console log at absolute ``offset``: (start, data); ``start`` is past
+    ``offset`` when the bytes there are no longer kept."""
+    base = log_base(log_path)
+    offset = max(offset, base)
+    return offset, read_log(log_path, offset - base, limit)
+
+
 def read_log(path: Path, offset: int, limit: int = READ_CHUNK) -> bytes:
-    """Bytes of a console log file at ``offset`` (b"" past its end or if it is missing)."""
+    """Bytes of a console log file at file position ``offset`` (b"" past its end or if it
+    is missing)."""
     try:
         with open(path, "rb") as f:
             f.seek(offset)

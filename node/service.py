@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import trio
 
-from node.console import read_log
+from node.console import log_end, read_console
 from node.errors import AgentError
 from node.vmdir import VMDir
 from protos.ferry.v1 import node_pb2, node_pb2_grpc, types_pb2, worker_pb2, worker_pb2_grpc
@@ -28,7 +29,14 @@ log = logging.getLogger("ferry-node")
 
 T = TypeVar("T")
 
-MIGRATION_UNIMPLEMENTED = "live migration is not available on this node yet"
+WATCH_INTERVAL = 0.1
+MIGRATION_ENDED = {
+    types_pb2.MIGRATION_STATE_NONE,
+    types_pb2.MIGRATION_STATE_COMPLETED,
+    types_pb2.MIGRATION_STATE_FAILED,
+    types_pb2.MIGRATION_STATE_CANCELLED,
+    types_pb2.MIGRATION_STATE_UNKNOWN,
+}
 
 
 class NodeAgentService(node_pb2_grpc.NodeAgentServicer):
@@ -126,13 +134,9 @@ class NodeAgentService(node_pb2_grpc.NodeAgentServicer):
             offset, answered = yield from self._relay_worker(vm_dir, offset, follow, context)
         # The worker has ended (or never ran): the log holds whatever it did not deliver.
         if offset < 0:
-            try:
-                size = vm_dir.console_log.stat().st_size
-            except OSError:
-                size = 0
-            offset = max(size + offset, 0)
+            offset = max(log_end(vm_dir.console_log) + offset, 0)
         while context.is_active() and not (answered and not follow):
-            data = read_log(vm_dir.console_log, offset)
+            offset, data = read_console(vm_dir.console_log, offset)
             if not data:
                 break
             yield node_pb2.ConsoleOutput(offset=offset, data=data)
@@ -173,33 +177,48 @@ class NodeAgentService(node_pb2_grpc.NodeAgentServicer):
         except grpc.RpcError:
             pass  # the client went away
 
-    # -- live migration: defined by the protocol, implemented with issue 6 -----------
-
-    def _unimplemented(self, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, MIGRATION_UNIMPLEMENTED)
+    # -- live migration ------------------------------------------------------------------
 
     def PrepareIncoming(
         self, request: node_pb2.PrepareIncomingRequest, context: grpc.ServicerContext
     ) -> node_pb2.PrepareIncomingResponse:
-        return self._unimplemented(context)
+        return self._run(
+            context, self._agent.prepare_incoming, request.spec, request.token, request.timeout_s
+        )
 
     def StartMigration(
         self, request: node_pb2.StartMigrationRequest, context: grpc.ServicerContext
     ) -> types_pb2.MigrationStatus:
-        return self._unimplemented(context)
+        return self._run(
+            context,
+            self._agent.start_migration,
+            request.name,
+            request.destination_endpoint,
+            request.token,
+            request.options,
+        )
 
     def CancelMigration(
         self, request: node_pb2.VMRef, context: grpc.ServicerContext
     ) -> types_pb2.MigrationStatus:
-        return self._unimplemented(context)
+        return self._run(context, self._agent.cancel_migration, request.name)
 
     def GetMigration(
         self, request: node_pb2.VMRef, context: grpc.ServicerContext
     ) -> types_pb2.MigrationStatus:
-        return self._unimplemented(context)
+        return self._run(context, self._agent.get_migration, request.name)
 
     def WatchMigration(
         self, request: node_pb2.VMRef, context: grpc.ServicerContext
     ) -> Iterator[types_pb2.MigrationStatus]:
-        self._unimplemented(context)
-        yield types_pb2.MigrationStatus()
+        last = b""
+        while context.is_active():
+            status = self._run(context, self._agent.get_migration, request.name)
+            # Only what changed: a quiet phase (the destination resuming) sends nothing.
+            encoded = status.SerializeToString(deterministic=True)
+            if encoded != last:
+                last = encoded
+                yield status
+            if status.status in MIGRATION_ENDED:
+                return
+            time.sleep(WATCH_INTERVAL)

@@ -36,7 +36,12 @@ def describe_exit(returncode: int | None) -> str:
 
 
 async def spawn_worker(
-    vm_dir: VMDir, console_buffer: int, *, start: bool, restore: str | None = None
+    vm_dir: VMDir,
+    console_buffer: int,
+    *,
+    start: bool,
+    restore: str | None = None,
+    incoming: bool = False,
 ) -> trio.Process:
     """Start ``python -m node.worker`` for one VM, its output going to the VM's worker.log."""
     command = [
@@ -54,6 +59,8 @@ async def spawn_worker(
         command.append("--start")
     if restore:
         command += ["--restore", restore]
+    if incoming:
+        command.append("--incoming")
     with open(vm_dir.worker_log, "ab") as log:
         return await trio.lowlevel.open_process(
             command,

@@ -10,6 +10,8 @@ here, rather than in its own (lost) process state. Layout::
     DATA/vms/NAME/status.json   how the last worker ended (state, exit code, failure)
     DATA/vms/NAME/console.log   every byte of UART output, across reboots
     DATA/vms/NAME/worker.log    the worker's own stderr
+    DATA/vms/NAME/migration.json  the last outgoing migration's final statistics
+    DATA/vms/NAME/console.base  absolute offset of console.log's first byte (after a move)
     DATA/sock/HASH.sock         the worker's gRPC socket (short: unix paths max 107 bytes)
 """
 
@@ -63,6 +65,10 @@ class VMDir:
     @property
     def worker_log(self) -> Path:
         return self.path / "worker.log"
+
+    @property
+    def migration_file(self) -> Path:
+        return self.path / "migration.json"
 
     @property
     def socket(self) -> Path:

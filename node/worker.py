@@ -10,6 +10,13 @@ The worker writes its own pid file and holds a lock on its VM directory while it
 writes ``status.json`` when its VM ends, so an agent that restarts finds it again (or learns
 how it ended) from the data directory alone.
 
+A worker is also one end of a live migration (:mod:`node.migration_endpoint`): a source
+worker streams its running VM to a destination worker, which was started with
+``--incoming`` and holds a VM that waits for its state. A source whose VM moved away
+records ``migrated`` as its final state and exits; an incoming worker whose migration
+failed records ``failed`` with the reason (and ``incoming_failed``) and exits. The last
+outgoing migration's statistics are kept in ``migration.json`` for the agent.
+
 Exit statuses: 0 the VM ended (its state is in status.json), 3 the VM could not be built
 (the message is in status.json), 4 another worker already runs this VM.
 """
@@ -19,10 +26,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import logging
 import math
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,10 +39,19 @@ from typing import Any, TypeVar
 
 import grpc
 import trio
+from google.protobuf import json_format
 
+from node import faults
 from node.console import ConsoleLog
+from node.migration.wire import options_from_pb
+from node.migration_endpoint import (
+    MAX_MESSAGE,
+    IncomingMigration,
+    OutgoingMigration,
+    format_endpoint,
+)
 from node.vmdir import VMDir
-from protos.ferry.v1 import types_pb2, worker_pb2, worker_pb2_grpc
+from protos.ferry.v1 import migration_pb2_grpc, types_pb2, worker_pb2, worker_pb2_grpc
 from vmcore.loader import LoaderError
 from vmcore.vm import VM, VMConfig, VMState, VMStateError
 
@@ -55,6 +73,8 @@ STATE_TO_PROTO = {
 
 T = TypeVar("T")
 
+log = logging.getLogger("ferry-worker")
+
 
 class CommandError(Exception):
     """A command the VM refuses; carried to the agent as a gRPC status."""
@@ -67,12 +87,32 @@ class CommandError(Exception):
 class Worker:
     """One VM and its console, driven from the trio loop."""
 
-    def __init__(self, name: str, vm: VM, console: ConsoleLog) -> None:
+    def __init__(
+        self,
+        name: str,
+        vm: VM,
+        console: ConsoleLog,
+        *,
+        nursery: trio.Nursery | None = None,
+        migration_file: Path | None = None,
+    ) -> None:
         self.name = name
         self.vm = vm
         self.console = console
         self._wake = trio.Event()
         self.ended = trio.Event()
+        self._nursery = nursery
+        self._migration_file = migration_file
+        self._fault = faults.from_environment()
+        # Auto-converge: the share of each slice's wall time the vCPU sleeps, in percent.
+        self.throttle = 0
+        self.outgoing: OutgoingMigration | None = None
+        self.incoming: IncomingMigration | None = None
+        self._incoming_server: grpc.Server | None = None
+        # Set when the VM has moved to another node: this copy must never run again.
+        self.migrated = False
+        # Set when an incoming migration failed: the half-built VM is thrown away.
+        self.discarded = ""
 
     def spec(self) -> types_pb2.VMSpec:
         cfg = self.vm.config
@@ -86,12 +126,22 @@ class Worker:
             deterministic=cfg.deterministic,
         )
 
+    def state(self) -> types_pb2.VMState.ValueType:
+        """The VM's state as the API names it, migrations included."""
+        if self.migrated:
+            return types_pb2.VM_STATE_MIGRATED
+        if self.discarded:
+            return types_pb2.VM_STATE_FAILED
+        if self.outgoing is not None and self.outgoing.active:
+            return types_pb2.VM_STATE_MIGRATING
+        return STATE_TO_PROTO[self.vm.state]
+
     def status(self) -> worker_pb2.WorkerStatus:
         stats = self.vm.stats()
         status = worker_pb2.WorkerStatus(
             name=self.name,
-            state=STATE_TO_PROTO[self.vm.state],
-            failure=self.vm.failure or "",
+            state=self.state(),
+            failure=self.vm.failure or self.discarded,
             instret=stats["instret"],
             mips=stats["mips"],
             guest_seconds=stats["guest_seconds"],
@@ -119,7 +169,10 @@ class Worker:
         try:
             while True:
                 state = self.vm.state
+                if self.migrated or self.discarded:
+                    break
                 if state is VMState.RUNNING:
+                    began = time.perf_counter()
                     try:
                         result = self.vm.run_slice(SLICE_INSTRUCTIONS)
                     except Exception as e:  # VMFailure, or a bug that escaped it
@@ -132,6 +185,10 @@ class Worker:
                         break
                     if result.reason == "idle":
                         await self._sleep(result.idle_seconds)
+                    elif self.throttle:
+                        # Run (100 - throttle) % of the time: sleep in proportion to the slice.
+                        spent = time.perf_counter() - began
+                        await trio.sleep(spent * self.throttle / (100 - self.throttle))
                     else:
                         await trio.sleep(0)
                 elif state in (VMState.STOPPED, VMState.FAILED):
@@ -190,6 +247,110 @@ class Worker:
         self.vm.send_input(data)
         self.wake()
 
+    # -- live migration (run in the trio loop) ---------------------------------------------
+
+    def migrated_away(self) -> None:
+        """The destination runs the guest now: stop for good, the VM paused as it is."""
+        self.migrated = True
+        self.wake()
+
+    def discard(self, reason: str) -> None:
+        """Throw away an incoming VM whose migration failed; the worker then ends."""
+        if self.migrated or self.discarded or self.vm.state is not VMState.INCOMING:
+            return
+        self.discarded = f"incoming migration failed: {reason}"
+        self.vm.stop()
+        self.wake()
+
+    def migration_ended(self, migration: OutgoingMigration) -> None:
+        """Keep the final statistics where the agent finds them after this worker is gone."""
+        if self._migration_file is None:
+            return
+        text = json_format.MessageToJson(migration.status(), sort_keys=True)
+        tmp = self._migration_file.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self._migration_file)
+
+    async def listen_incoming(self, token: bytes, host: str, timeout: float) -> str:
+        if self.vm.state is not VMState.INCOMING or self.discarded:
+            raise CommandError(
+                grpc.StatusCode.FAILED_PRECONDITION, "this worker holds no incoming VM"
+            )
+        if self.incoming is not None:
+            raise CommandError(grpc.StatusCode.FAILED_PRECONDITION, "already listening")
+        if not token:
+            raise CommandError(grpc.StatusCode.INVALID_ARGUMENT, "the token must not be empty")
+        assert self._nursery is not None
+        incoming = IncomingMigration(
+            self, token, timeout, trio.lowlevel.current_trio_token(), self._fault
+        )
+        server = grpc.server(
+            ThreadPoolExecutor(max_workers=4, thread_name_prefix="migration-in"),
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        migration_pb2_grpc.add_MigrationServicer_to_server(incoming, server)
+        try:
+            port = server.add_insecure_port(format_endpoint(host, 0))
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise CommandError(
+                grpc.StatusCode.INTERNAL, f"cannot listen for the migration on {host}"
+            )
+        server.start()
+        self.incoming = incoming
+        self._incoming_server = server
+        self._nursery.start_soon(incoming.watch_idle)
+        return format_endpoint(host, port)
+
+    async def start_migration(
+        self, endpoint: str, token: bytes, options_pb: types_pb2.MigrationOptions
+    ) -> types_pb2.MigrationStatus:
+        if self.outgoing is not None and self.outgoing.active:
+            raise CommandError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"VM {self.name!r} is already migrating"
+            )
+        if self.vm.state is not VMState.RUNNING or self.migrated:
+            raise CommandError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"VM {self.name!r} is {self.vm.state.value}; only a running VM can be "
+                "live-migrated",
+            )
+        if not endpoint:
+            raise CommandError(
+                grpc.StatusCode.INVALID_ARGUMENT, "destination_endpoint must not be empty"
+            )
+        if not token:
+            raise CommandError(grpc.StatusCode.INVALID_ARGUMENT, "token must not be empty")
+        try:
+            options = options_from_pb(options_pb)
+        except ValueError as e:
+            raise CommandError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        assert self._nursery is not None
+        self.outgoing = OutgoingMigration(self, endpoint, token, options, self._fault)
+        self._nursery.start_soon(self.outgoing.run)
+        log.info("migrating to %s", endpoint)
+        return self.outgoing.status()
+
+    async def cancel_migration(self) -> types_pb2.MigrationStatus:
+        if self.outgoing is None:
+            return await self.migration_status()
+        self.outgoing.cancel()
+        return self.outgoing.status()
+
+    async def migration_status(self) -> types_pb2.MigrationStatus:
+        if self.outgoing is None:
+            return types_pb2.MigrationStatus(vm=self.name, status=types_pb2.MIGRATION_STATE_NONE)
+        return self.outgoing.status()
+
+    def stop_incoming_server(self) -> None:
+        if self._incoming_server is not None:
+            self._incoming_server.stop(1.0)
+
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     """The agent's channel into the worker; every call hops into the trio loop."""
@@ -234,6 +395,35 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._call(context, self._worker.send_input, request.data)
         return worker_pb2.WorkerStatus()
 
+    def ListenIncoming(
+        self, request: worker_pb2.WorkerIncomingRequest, context: grpc.ServicerContext
+    ) -> worker_pb2.WorkerIncomingResponse:
+        endpoint = self._call(
+            context, self._worker.listen_incoming, request.token, request.host, request.timeout_s
+        )
+        return worker_pb2.WorkerIncomingResponse(endpoint=endpoint)
+
+    def StartMigration(
+        self, request: worker_pb2.WorkerMigrationRequest, context: grpc.ServicerContext
+    ) -> types_pb2.MigrationStatus:
+        return self._call(
+            context,
+            self._worker.start_migration,
+            request.endpoint,
+            request.token,
+            request.options,
+        )
+
+    def CancelMigration(
+        self, request: worker_pb2.WorkerStatusRequest, context: grpc.ServicerContext
+    ) -> types_pb2.MigrationStatus:
+        return self._call(context, self._worker.cancel_migration)
+
+    def GetMigration(
+        self, request: worker_pb2.WorkerStatusRequest, context: grpc.ServicerContext
+    ) -> types_pb2.MigrationStatus:
+        return self._call(context, self._worker.migration_status)
+
     def ConsoleOutput(
         self, request: worker_pb2.WorkerConsoleRequest, context: grpc.ServicerContext
     ) -> Iterator[worker_pb2.WorkerConsoleChunk]:
@@ -273,7 +463,7 @@ def _build_vm(args: argparse.Namespace, vm_dir: VMDir, console: ConsoleLog) -> V
         append=spec.append,
         deterministic=spec.deterministic,
     )
-    return VM(config, console=console.write)
+    return VM(config, console=console.write, incoming=args.incoming)
 
 
 def _load_failure_status(args: argparse.Namespace, e: Exception) -> dict[str, Any]:
@@ -286,11 +476,17 @@ def _load_failure_status(args: argparse.Namespace, e: Exception) -> dict[str, An
 
 def _final_status(worker: Worker) -> dict[str, Any]:
     stats = worker.vm.stats()
+    state = worker.vm.state.value
+    if worker.migrated:
+        state = "migrated"
+    elif worker.discarded:
+        state = "failed"
     return {
         "phase": "final",
-        "state": worker.vm.state.value,
+        "state": state,
+        "incoming_failed": bool(worker.discarded),
         "exit_code": worker.vm.exit_code,
-        "failure": worker.vm.failure or "",
+        "failure": worker.vm.failure or worker.discarded,
         "instret": stats["instret"],
         "guest_seconds": stats["guest_seconds"],
         "console_bytes": worker.console.total,
@@ -306,22 +502,22 @@ async def _serve(args: argparse.Namespace, vm_dir: VMDir) -> int:
         vm_dir.write_status(_load_failure_status(args, e))
         print(f"ferry-worker: {e}", file=sys.stderr)
         return EXIT_LOAD_FAILED
-    worker = Worker(args.name, vm, console)
-
     with contextlib.suppress(FileNotFoundError):
         vm_dir.socket.unlink()  # a dead predecessor's; the lock says none is alive
     # Each console follower holds a handler thread for as long as it follows; the pool is
     # sized so that followers never starve the agent's commands.
     server = grpc.server(ThreadPoolExecutor(max_workers=64, thread_name_prefix="worker-grpc"))
-    worker_pb2_grpc.add_WorkerServicer_to_server(
-        WorkerServicer(worker, trio.lowlevel.current_trio_token()), server
-    )
-    server.add_insecure_port(f"unix:{vm_dir.socket}")
-    server.start()
-    if args.start:
-        worker.vm.start()
-
     async with trio.open_nursery() as nursery:
+        worker = Worker(
+            args.name, vm, console, nursery=nursery, migration_file=vm_dir.migration_file
+        )
+        worker_pb2_grpc.add_WorkerServicer_to_server(
+            WorkerServicer(worker, trio.lowlevel.current_trio_token()), server
+        )
+        server.add_insecure_port(f"unix:{vm_dir.socket}")
+        server.start()
+        if args.start:
+            worker.vm.start()
 
         async def on_signals() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -330,8 +526,14 @@ async def _serve(args: argparse.Namespace, vm_dir: VMDir) -> int:
 
         nursery.start_soon(on_signals)
         await worker.run()
+        if worker.outgoing is not None and worker.outgoing.active:
+            # The guest powered off (or failed) mid-migration: nothing is left to move.
+            worker.outgoing.cancel(f"the VM {worker.vm.state.value} during the migration")
+            with trio.move_on_after(5.0):
+                await worker.outgoing.done.wait()
         vm_dir.write_status(_final_status(worker))
         console.close()
+        worker.stop_incoming_server()
         # Let console followers drain the last bytes before the socket goes away.
         await trio.to_thread.run_sync(lambda: server.stop(2.0).wait())
         nursery.cancel_scope.cancel()
@@ -349,11 +551,19 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--console-buffer", type=int, default=1 << 20)
     parser.add_argument("--restore", help="build the VM from this snapshot file (paused)")
     parser.add_argument("--start", action="store_true", help="start the VM once built")
+    parser.add_argument(
+        "--incoming", action="store_true", help="build the VM empty, to receive a migration"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s ferry-worker[{args.name}] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
     vm_dir = VMDir(args.data_dir.resolve(), args.name)
     vm_dir.create()
     lock_fd = os.open(vm_dir.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
@@ -372,5 +582,16 @@ def main(argv: list[str] | None = None) -> int:
             vm_dir.pid_file.unlink()
 
 
+def run() -> None:
+    """Run the worker and exit without waiting for stray handler threads: a migration
+    stream stuck in a dead peer's handler must not keep a finished VM's process alive
+    (and its lock held)."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

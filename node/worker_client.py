@@ -10,7 +10,7 @@ import trio
 
 from node.errors import AgentError
 from node.vmdir import VMDir
-from protos.ferry.v1 import worker_pb2, worker_pb2_grpc
+from protos.ferry.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 
 _CHANNEL_OPTIONS = [
     # The socket appears a moment after the worker starts: retry fast instead of grpc's
@@ -69,3 +69,29 @@ class WorkerClient:
 
     async def send_input(self, data: bytes) -> None:
         await self._call("ConsoleInput", worker_pb2.WorkerConsoleInput(data=data), 5.0)
+
+    async def listen_incoming(self, token: bytes, host: str, timeout: float) -> str:
+        request = worker_pb2.WorkerIncomingRequest(token=token, host=host, timeout_s=timeout)
+        result: worker_pb2.WorkerIncomingResponse = await self._call(
+            "ListenIncoming", request, 10.0
+        )
+        return result.endpoint
+
+    async def start_migration(
+        self, endpoint: str, token: bytes, options: types_pb2.MigrationOptions
+    ) -> types_pb2.MigrationStatus:
+        request = worker_pb2.WorkerMigrationRequest(endpoint=endpoint, token=token, options=options)
+        result: types_pb2.MigrationStatus = await self._call("StartMigration", request, 10.0)
+        return result
+
+    async def cancel_migration(self) -> types_pb2.MigrationStatus:
+        result: types_pb2.MigrationStatus = await self._call(
+            "CancelMigration", worker_pb2.WorkerStatusRequest(), 10.0
+        )
+        return result
+
+    async def get_migration(self) -> types_pb2.MigrationStatus:
+        result: types_pb2.MigrationStatus = await self._call(
+            "GetMigration", worker_pb2.WorkerStatusRequest(), 5.0
+        )
+        return result

@@ -320,16 +320,28 @@ class PrepareIncomingRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SPEC_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    token: _builtins.bytes
+    """The one-time token the source must present; empty: the node makes one (32 random
+    bytes) and returns it.
+    """
+    timeout_s: _builtins.float
+    """Discard the incoming VM if the source is silent this long (before it connects or in
+    mid-stream); 0 means the default, 60 s.
+    """
     @_builtins.property
     def spec(self) -> _types_pb2.VMSpec: ...
     def __init__(
         self,
         *,
         spec: _types_pb2.VMSpec | None = ...,
+        token: _builtins.bytes = ...,
+        timeout_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec", "timeout_s", b"timeout_s", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -341,18 +353,24 @@ class PrepareIncomingResponse(_message.Message):
 
     ENDPOINT_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
+    VM_FIELD_NUMBER: _builtins.int
     endpoint: _builtins.str
     """host:port the source worker connects its migration stream to."""
     token: _builtins.bytes
+    @_builtins.property
+    def vm(self) -> _types_pb2.VMInfo:
+        """The incoming VM (state INCOMING)."""
+
     def __init__(
         self,
         *,
         endpoint: _builtins.str = ...,
         token: _builtins.bytes = ...,
+        vm: _types_pb2.VMInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "token", b"token", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

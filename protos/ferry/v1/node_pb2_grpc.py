@@ -205,35 +205,60 @@ class NodeAgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PrepareIncoming(self, request, context):
-        """Live migration (DESIGN section 4). Destination: reserve an incoming VM, return the
-        endpoint its worker listens on and a one-time token.
+        """Live migration (DESIGN section 4), worker to worker; the caller (the coordinator, or
+        anyone driving two nodes) calls PrepareIncoming on the destination, hands the answer to
+        StartMigration on the source, and follows the source's GetMigration/WatchMigration.
+
+        Destination: build an incoming VM (same spec as the source's; the VM's state is
+        INCOMING and it holds capacity) in a new worker, which listens for one migration stream
+        on the agent's host. Returns that endpoint and the one-time token. The incoming VM is
+        discarded (its worker ends, the VM is reported FAILED with the reason, capacity is
+        released) if no source connects and keeps sending within timeout_s, if the source is
+        refused (token, config, sizes) or aborts, or on any invalid input. Once the guest
+        resumes here the VM is RUNNING like any other. A VM of the same name that has moved
+        away (MIGRATED) or whose incoming migration failed is replaced; any other existing VM
+        of that name is ALREADY_EXISTS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def StartMigration(self, request, context):
-        """Source: stream the VM to a prepared destination.
+        """Source: stream a RUNNING VM to a prepared destination. Returns at once (status SETUP);
+        follow it with GetMigration/WatchMigration. While it runs the VM is MIGRATING. When it
+        is COMPLETED the destination runs the guest and this node's copy is MIGRATED (it never
+        runs again; DestroyVM forgets it). FAILED or CANCELLED: the VM runs on here, untouched.
+        UNKNOWN: the stream broke after the final message, so only the destination can say who
+        runs the guest; the VM stays PAUSED here until the caller asks the destination and then
+        resumes (ResumeVM) or discards (DestroyVM) this copy. FAILED_PRECONDITION if the VM is
+        not running or already migrating.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CancelMigration(self, request, context):
-        """Idempotent; the VM keeps running on the source unless the switchover completed.
+        """Stop the migration and keep the VM here, running. Idempotent, answers within seconds in
+        every phase. Before the final message it always wins (CANCELLED). After it, the
+        destination may already run the guest: the answer is CANCELLING until the destination's
+        verdict settles it as CANCELLED or COMPLETED (or UNKNOWN). With no migration running it
+        returns the last migration's status unchanged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetMigration(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The current or last outgoing migration of the VM (status NONE if it never had one);
+        kept after the migration ends, also once the VM is MIGRATED.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchMigration(self, request, context):
-        """The migration's statistics as they change, until it ends.
+        """The migration's statistics as they change (about every 100 ms), until it ends: the
+        last message carries a final status (COMPLETED, FAILED, CANCELLED or UNKNOWN).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

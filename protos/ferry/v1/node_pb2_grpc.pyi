@@ -55,16 +55,45 @@ class NodeAgentStub:
     """Build a new VM from a snapshot file, paused (or running with start)."""
     NodeInfo: _grpc.UnaryUnaryMultiCallable[_node_pb2.NodeInfoRequest, _types_pb2.NodeInfo]
     PrepareIncoming: _grpc.UnaryUnaryMultiCallable[_node_pb2.PrepareIncomingRequest, _node_pb2.PrepareIncomingResponse]
-    """Live migration (DESIGN section 4). Destination: reserve an incoming VM, return the
-    endpoint its worker listens on and a one-time token.
+    """Live migration (DESIGN section 4), worker to worker; the caller (the coordinator, or
+    anyone driving two nodes) calls PrepareIncoming on the destination, hands the answer to
+    StartMigration on the source, and follows the source's GetMigration/WatchMigration.
+
+    Destination: build an incoming VM (same spec as the source's; the VM's state is
+    INCOMING and it holds capacity) in a new worker, which listens for one migration stream
+    on the agent's host. Returns that endpoint and the one-time token. The incoming VM is
+    discarded (its worker ends, the VM is reported FAILED with the reason, capacity is
+    released) if no source connects and keeps sending within timeout_s, if the source is
+    refused (token, config, sizes) or aborts, or on any invalid input. Once the guest
+    resumes here the VM is RUNNING like any other. A VM of the same name that has moved
+    away (MIGRATED) or whose incoming migration failed is replaced; any other existing VM
+    of that name is ALREADY_EXISTS.
     """
     StartMigration: _grpc.UnaryUnaryMultiCallable[_node_pb2.StartMigrationRequest, _types_pb2.MigrationStatus]
-    """Source: stream the VM to a prepared destination."""
+    """Source: stream a RUNNING VM to a prepared destination. Returns at once (status SETUP);
+    follow it with GetMigration/WatchMigration. While it runs the VM is MIGRATING. When it
+    is COMPLETED the destination runs the guest and this node's copy is MIGRATED (it never
+    runs again; DestroyVM forgets it). FAILED or CANCELLED: the VM runs on here, untouched.
+    UNKNOWN: the stream broke after the final message, so only the destination can say who
+    runs the guest; the VM stays PAUSED here until the caller asks the destination and then
+    resumes (ResumeVM) or discards (DestroyVM) this copy. FAILED_PRECONDITION if the VM is
+    not running or already migrating.
+    """
     CancelMigration: _grpc.UnaryUnaryMultiCallable[_node_pb2.VMRef, _types_pb2.MigrationStatus]
-    """Idempotent; the VM keeps running on the source unless the switchover completed."""
+    """Stop the migration and keep the VM here, running. Idempotent, answers within seconds in
+    every phase. Before the final message it always wins (CANCELLED). After it, the
+    destination may already run the guest: the answer is CANCELLING until the destination's
+    verdict settles it as CANCELLED or COMPLETED (or UNKNOWN). With no migration running it
+    returns the last migration's status unchanged.
+    """
     GetMigration: _grpc.UnaryUnaryMultiCallable[_node_pb2.VMRef, _types_pb2.MigrationStatus]
+    """The current or last outgoing migration of the VM (status NONE if it never had one);
+    kept after the migration ends, also once the VM is MIGRATED.
+    """
     WatchMigration: _grpc.UnaryStreamMultiCallable[_node_pb2.VMRef, _types_pb2.MigrationStatus]
-    """The migration's statistics as they change, until it ends."""
+    """The migration's statistics as they change (about every 100 ms), until it ends: the
+    last message carries a final status (COMPLETED, FAILED, CANCELLED or UNKNOWN).
+    """
 
 @_typing.type_check_only
 class NodeAgentAsyncStub(NodeAgentStub):
@@ -89,16 +118,45 @@ class NodeAgentAsyncStub(NodeAgentStub):
     """Build a new VM from a snapshot file, paused (or running with start)."""
     NodeInfo: _aio.UnaryUnaryMultiCallable[_node_pb2.NodeInfoRequest, _types_pb2.NodeInfo]  # type: ignore[assignment]
     PrepareIncoming: _aio.UnaryUnaryMultiCallable[_node_pb2.PrepareIncomingRequest, _node_pb2.PrepareIncomingResponse]  # type: ignore[assignment]
-    """Live migration (DESIGN section 4). Destination: reserve an incoming VM, return the
-    endpoint its worker listens on and a one-time token.
+    """Live migration (DESIGN section 4), worker to worker; the caller (the coordinator, or
+    anyone driving two nodes) calls PrepareIncoming on the destination, hands the answer to
+    StartMigration on the source, and follows the source's GetMigration/WatchMigration.
+
+    Destination: build an incoming VM (same spec as the source's; the VM's state is
+    INCOMING and it holds capacity) in a new worker, which listens for one migration stream
+    on the agent's host. Returns that endpoint and the one-time token. The incoming VM is
+    discarded (its worker ends, the VM is reported FAILED with the reason, capacity is
+    released) if no source connects and keeps sending within timeout_s, if the source is
+    refused (token, config, sizes) or aborts, or on any invalid input. Once the guest
+    resumes here the VM is RUNNING like any other. A VM of the same name that has moved
+    away (MIGRATED) or whose incoming migration failed is replaced; any other existing VM
+    of that name is ALREADY_EXISTS.
     """
     StartMigration: _aio.UnaryUnaryMultiCallable[_node_pb2.StartMigrationRequest, _types_pb2.MigrationStatus]  # type: ignore[assignment]
-    """Source: stream the VM to a prepared destination."""
+    """Source: stream a RUNNING VM to a prepared destination. Returns at once (status SETUP);
+    follow it with GetMigration/WatchMigration. While it runs the VM is MIGRATING. When it
+    is COMPLETED the destination runs the guest and this node's copy is MIGRATED (it never
+    runs again; DestroyVM forgets it). FAILED or CANCELLED: the VM runs on here, untouched.
+    UNKNOWN: the stream broke after the final message, so only the destination can say who
+    runs the guest; the VM stays PAUSED here until the caller asks the destination and then
+    resumes (ResumeVM) or discards (DestroyVM) this copy. FAILED_PRECONDITION if the VM is
+    not running or already migrating.
+    """
     CancelMigration: _aio.UnaryUnaryMultiCallable[_node_pb2.VMRef, _types_pb2.MigrationStatus]  # type: ignore[assignment]
-    """Idempotent; the VM keeps running on the source unless the switchover completed."""
+    """Stop the migration and keep the VM here, running. Idempotent, answers within seconds in
+    every phase. Before the final message it always wins (CANCELLED). After it, the
+    destination may already run the guest: the answer is CANCELLING until the destination's
+    verdict settles it as CANCELLED or COMPLETED (or UNKNOWN). With no migration running it
+    returns the last migration's status unchanged.
+    """
     GetMigration: _aio.UnaryUnaryMultiCallable[_node_pb2.VMRef, _types_pb2.MigrationStatus]  # type: ignore[assignment]
+    """The current or last outgoing migration of the VM (status NONE if it never had one);
+    kept after the migration ends, also once the VM is MIGRATED.
+    """
     WatchMigration: _aio.UnaryStreamMultiCallable[_node_pb2.VMRef, _types_pb2.MigrationStatus]  # type: ignore[assignment]
-    """The migration's statistics as they change, until it ends."""
+    """The migration's statistics as they change (about every 100 ms), until it ends: the
+    last message carries a final status (COMPLETED, FAILED, CANCELLED or UNKNOWN).
+    """
 
 class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -198,8 +256,19 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
         request: _node_pb2.PrepareIncomingRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.PrepareIncomingResponse, _abc.Awaitable[_node_pb2.PrepareIncomingResponse]]:
-        """Live migration (DESIGN section 4). Destination: reserve an incoming VM, return the
-        endpoint its worker listens on and a one-time token.
+        """Live migration (DESIGN section 4), worker to worker; the caller (the coordinator, or
+        anyone driving two nodes) calls PrepareIncoming on the destination, hands the answer to
+        StartMigration on the source, and follows the source's GetMigration/WatchMigration.
+
+        Destination: build an incoming VM (same spec as the source's; the VM's state is
+        INCOMING and it holds capacity) in a new worker, which listens for one migration stream
+        on the agent's host. Returns that endpoint and the one-time token. The incoming VM is
+        discarded (its worker ends, the VM is reported FAILED with the reason, capacity is
+        released) if no source connects and keeps sending within timeout_s, if the source is
+        refused (token, config, sizes) or aborts, or on any invalid input. Once the guest
+        resumes here the VM is RUNNING like any other. A VM of the same name that has moved
+        away (MIGRATED) or whose incoming migration failed is replaced; any other existing VM
+        of that name is ALREADY_EXISTS.
         """
 
     @_abc_1.abstractmethod
@@ -208,7 +277,15 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
         request: _node_pb2.StartMigrationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_types_pb2.MigrationStatus, _abc.Awaitable[_types_pb2.MigrationStatus]]:
-        """Source: stream the VM to a prepared destination."""
+        """Source: stream a RUNNING VM to a prepared destination. Returns at once (status SETUP);
+        follow it with GetMigration/WatchMigration. While it runs the VM is MIGRATING. When it
+        is COMPLETED the destination runs the guest and this node's copy is MIGRATED (it never
+        runs again; DestroyVM forgets it). FAILED or CANCELLED: the VM runs on here, untouched.
+        UNKNOWN: the stream broke after the final message, so only the destination can say who
+        runs the guest; the VM stays PAUSED here until the caller asks the destination and then
+        resumes (ResumeVM) or discards (DestroyVM) this copy. FAILED_PRECONDITION if the VM is
+        not running or already migrating.
+        """
 
     @_abc_1.abstractmethod
     def CancelMigration(
@@ -216,14 +293,22 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
         request: _node_pb2.VMRef,
         context: _ServicerContext,
     ) -> _typing.Union[_types_pb2.MigrationStatus, _abc.Awaitable[_types_pb2.MigrationStatus]]:
-        """Idempotent; the VM keeps running on the source unless the switchover completed."""
+        """Stop the migration and keep the VM here, running. Idempotent, answers within seconds in
+        every phase. Before the final message it always wins (CANCELLED). After it, the
+        destination may already run the guest: the answer is CANCELLING until the destination's
+        verdict settles it as CANCELLED or COMPLETED (or UNKNOWN). With no migration running it
+        returns the last migration's status unchanged.
+        """
 
     @_abc_1.abstractmethod
     def GetMigration(
         self,
         request: _node_pb2.VMRef,
         context: _ServicerContext,
-    ) -> _typing.Union[_types_pb2.MigrationStatus, _abc.Awaitable[_types_pb2.MigrationStatus]]: ...
+    ) -> _typing.Union[_types_pb2.MigrationStatus, _abc.Awaitable[_types_pb2.MigrationStatus]]:
+        """The current or last outgoing migration of the VM (status NONE if it never had one);
+        kept after the migration ends, also once the VM is MIGRATED.
+        """
 
     @_abc_1.abstractmethod
     def WatchMigration(
@@ -231,6 +316,8 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
         request: _node_pb2.VMRef,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_types_pb2.MigrationStatus], _abc.AsyncIterator[_types_pb2.MigrationStatus]]:
-        """The migration's statistics as they change, until it ends."""
+        """The migration's statistics as they change (about every 100 ms), until it ends: the
+        last message carries a final status (COMPLETED, FAILED, CANCELLED or UNKNOWN).
+        """
 
 def add_NodeAgentServicer_to_server(servicer: NodeAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -81,6 +81,11 @@ class _MigrationStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Migrat
     MIGRATION_STATE_FAILED: _MigrationState.ValueType  # 6
     MIGRATION_STATE_CANCELLING: _MigrationState.ValueType  # 7
     MIGRATION_STATE_CANCELLED: _MigrationState.ValueType  # 8
+    MIGRATION_STATE_UNKNOWN: _MigrationState.ValueType  # 9
+    """The stream broke after the final message: the destination may or may not run the guest.
+    The source keeps its copy paused; whoever drives the migration asks the destination and
+    then resumes or discards the source's copy. Final for the source node.
+    """
 
 class MigrationState(_MigrationState, metaclass=_MigrationStateEnumTypeWrapper): ...
 
@@ -94,6 +99,11 @@ MIGRATION_STATE_COMPLETED: MigrationState.ValueType  # 5
 MIGRATION_STATE_FAILED: MigrationState.ValueType  # 6
 MIGRATION_STATE_CANCELLING: MigrationState.ValueType  # 7
 MIGRATION_STATE_CANCELLED: MigrationState.ValueType  # 8
+MIGRATION_STATE_UNKNOWN: MigrationState.ValueType  # 9
+"""The stream broke after the final message: the destination may or may not run the guest.
+The source keeps its copy paused; whoever drives the migration asks the destination and
+then resumes or discards the source's copy. Final for the source node.
+"""
 Global___MigrationState: _TypeAlias = MigrationState  # noqa: Y015
 
 @_typing.final
@@ -440,6 +450,8 @@ class MigrationStatus(_message.Message):
     CPU_THROTTLE_PERCENTAGE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     DESTINATION_FIELD_NUMBER: _builtins.int
+    PAUSED_AT_FIELD_NUMBER: _builtins.int
+    RESUMED_AT_FIELD_NUMBER: _builtins.int
     vm: _builtins.str
     status: Global___MigrationState.ValueType
     setup_time_ms: _builtins.float
@@ -460,6 +472,12 @@ class MigrationStatus(_message.Message):
     """Why it failed or was cancelled (one line)."""
     destination: _builtins.str
     """The destination's endpoint (host:port)."""
+    paused_at: _builtins.float
+    """Monotonic clocks (seconds) of the source when its vCPU stopped and of the destination
+    when its guest resumed: downtime_ms is measured on the source (pause to the Resumed
+    answer); these two are comparable only when both ends share a host.
+    """
+    resumed_at: _builtins.float
     def __init__(
         self,
         *,
@@ -481,10 +499,12 @@ class MigrationStatus(_message.Message):
         cpu_throttle_percentage: _builtins.int = ...,
         error: _builtins.str = ...,
         destination: _builtins.str = ...,
+        paused_at: _builtins.float = ...,
+        resumed_at: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compressed_bytes", b"compressed_bytes", "cpu_throttle_percentage", b"cpu_throttle_percentage", "destination", b"destination", "dirty_pages_rate", b"dirty_pages_rate", "dirty_sync_count", b"dirty_sync_count", "downtime_ms", b"downtime_ms", "duplicate", b"duplicate", "error", b"error", "expected_downtime_ms", b"expected_downtime_ms", "mbps", b"mbps", "normal", b"normal", "remaining", b"remaining", "setup_time_ms", b"setup_time_ms", "status", b"status", "total", b"total", "total_time_ms", b"total_time_ms", "transferred", b"transferred", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compressed_bytes", b"compressed_bytes", "cpu_throttle_percentage", b"cpu_throttle_percentage", "destination", b"destination", "dirty_pages_rate", b"dirty_pages_rate", "dirty_sync_count", b"dirty_sync_count", "downtime_ms", b"downtime_ms", "duplicate", b"duplicate", "error", b"error", "expected_downtime_ms", b"expected_downtime_ms", "mbps", b"mbps", "normal", b"normal", "paused_at", b"paused_at", "remaining", b"remaining", "resumed_at", b"resumed_at", "setup_time_ms", b"setup_time_ms", "status", b"status", "total", b"total", "total_time_ms", b"total_time_ms", "transferred", b"transferred", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

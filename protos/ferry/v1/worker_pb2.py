@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from protos.ferry.v1 import types_pb2 as protos_dot_ferry_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/ferry/v1/worker.proto\x12\x08\x66\x65rry.v1\x1a\x1bprotos/ferry/v1/types.proto\"\x15\n\x13WorkerStatusRequest\"\xef\x01\n\x0cWorkerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05state\x18\x02 \x01(\x0e\x32\x11.ferry.v1.VMState\x12\x0f\n\x07\x66\x61ilure\x18\x03 \x01(\t\x12\x16\n\texit_code\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x0f\n\x07instret\x18\x05 \x01(\x04\x12\x0c\n\x04mips\x18\x06 \x01(\x01\x12\x15\n\rguest_seconds\x18\x07 \x01(\x01\x12\x15\n\rconsole_bytes\x18\x08 \x01(\x04\x12\x0b\n\x03pid\x18\t \x01(\x03\x12\x1e\n\x04spec\x18\n \x01(\x0b\x32\x10.ferry.v1.VMSpecB\x0c\n\n_exit_code\"P\n\rWorkerCommand\x12&\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x16.ferry.v1.WorkerAction\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01\"%\n\x15WorkerSnapshotRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\",\n\x16WorkerSnapshotResponse\x12\x12\n\nsize_bytes\x18\x01 \x01(\x04\"6\n\x14WorkerConsoleRequest\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"2\n\x12WorkerConsoleChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\"\n\x12WorkerConsoleInput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c*\xaf\x01\n\x0cWorkerAction\x12\x1d\n\x19WORKER_ACTION_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ACTION_START\x10\x01\x12\x17\n\x13WORKER_ACTION_PAUSE\x10\x02\x12\x18\n\x14WORKER_ACTION_RESUME\x10\x03\x12\x16\n\x12WORKER_ACTION_STOP\x10\x04\x12\x1c\n\x18WORKER_ACTION_FORCE_STOP\x10\x05\x32\xee\x02\n\x06Worker\x12\x42\n\tGetStatus\x12\x1d.ferry.v1.WorkerStatusRequest\x1a\x16.ferry.v1.WorkerStatus\x12:\n\x07\x43ontrol\x12\x17.ferry.v1.WorkerCommand\x1a\x16.ferry.v1.WorkerStatus\x12M\n\x08Snapshot\x12\x1f.ferry.v1.WorkerSnapshotRequest\x1a .ferry.v1.WorkerSnapshotResponse\x12O\n\rConsoleOutput\x12\x1e.ferry.v1.WorkerConsoleRequest\x1a\x1c.ferry.v1.WorkerConsoleChunk0\x01\x12\x44\n\x0c\x43onsoleInput\x12\x1c.ferry.v1.WorkerConsoleInput\x1a\x16.ferry.v1.WorkerStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/ferry/v1/worker.proto\x12\x08\x66\x65rry.v1\x1a\x1bprotos/ferry/v1/types.proto\"\x15\n\x13WorkerStatusRequest\"\xef\x01\n\x0cWorkerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05state\x18\x02 \x01(\x0e\x32\x11.ferry.v1.VMState\x12\x0f\n\x07\x66\x61ilure\x18\x03 \x01(\t\x12\x16\n\texit_code\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x0f\n\x07instret\x18\x05 \x01(\x04\x12\x0c\n\x04mips\x18\x06 \x01(\x01\x12\x15\n\rguest_seconds\x18\x07 \x01(\x01\x12\x15\n\rconsole_bytes\x18\x08 \x01(\x04\x12\x0b\n\x03pid\x18\t \x01(\x03\x12\x1e\n\x04spec\x18\n \x01(\x0b\x32\x10.ferry.v1.VMSpecB\x0c\n\n_exit_code\"P\n\rWorkerCommand\x12&\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x16.ferry.v1.WorkerAction\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01\"%\n\x15WorkerSnapshotRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\",\n\x16WorkerSnapshotResponse\x12\x12\n\nsize_bytes\x18\x01 \x01(\x04\"6\n\x14WorkerConsoleRequest\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"2\n\x12WorkerConsoleChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\"\n\x12WorkerConsoleInput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"G\n\x15WorkerIncomingRequest\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\"*\n\x16WorkerIncomingResponse\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\"f\n\x16WorkerMigrationRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.ferry.v1.MigrationOptions*\xaf\x01\n\x0cWorkerAction\x12\x1d\n\x19WORKER_ACTION_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ACTION_START\x10\x01\x12\x17\n\x13WORKER_ACTION_PAUSE\x10\x02\x12\x18\n\x14WORKER_ACTION_RESUME\x10\x03\x12\x16\n\x12WORKER_ACTION_STOP\x10\x04\x12\x1c\n\x18WORKER_ACTION_FORCE_STOP\x10\x05\x32\xa9\x05\n\x06Worker\x12\x42\n\tGetStatus\x12\x1d.ferry.v1.WorkerStatusRequest\x1a\x16.ferry.v1.WorkerStatus\x12:\n\x07\x43ontrol\x12\x17.ferry.v1.WorkerCommand\x1a\x16.ferry.v1.WorkerStatus\x12M\n\x08Snapshot\x12\x1f.ferry.v1.WorkerSnapshotRequest\x1a .ferry.v1.WorkerSnapshotResponse\x12O\n\rConsoleOutput\x12\x1e.ferry.v1.WorkerConsoleRequest\x1a\x1c.ferry.v1.WorkerConsoleChunk0\x01\x12\x44\n\x0c\x43onsoleInput\x12\x1c.ferry.v1.WorkerConsoleInput\x1a\x16.ferry.v1.WorkerStatus\x12S\n\x0eListenIncoming\x12\x1f.ferry.v1.WorkerIncomingRequest\x1a .ferry.v1.WorkerIncomingResponse\x12M\n\x0eStartMigration\x12 .ferry.v1.WorkerMigrationRequest\x1a\x19.ferry.v1.MigrationStatus\x12K\n\x0f\x43\x61ncelMigration\x12\x1d.ferry.v1.WorkerStatusRequest\x1a\x19.ferry.v1.MigrationStatus\x12H\n\x0cGetMigration\x12\x1d.ferry.v1.WorkerStatusRequest\x1a\x19.ferry.v1.MigrationStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.ferry.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERACTION']._serialized_start=648
-  _globals['_WORKERACTION']._serialized_end=823
+  _globals['_WORKERACTION']._serialized_start=869
+  _globals['_WORKERACTION']._serialized_end=1044
   _globals['_WORKERSTATUSREQUEST']._serialized_start=71
   _globals['_WORKERSTATUSREQUEST']._serialized_end=92
   _globals['_WORKERSTATUS']._serialized_start=95
@@ -50,6 +50,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERCONSOLECHUNK']._serialized_end=609
   _globals['_WORKERCONSOLEINPUT']._serialized_start=611
   _globals['_WORKERCONSOLEINPUT']._serialized_end=645
-  _globals['_WORKER']._serialized_start=826
-  _globals['_WORKER']._serialized_end=1192
+  _globals['_WORKERINCOMINGREQUEST']._serialized_start=647
+  _globals['_WORKERINCOMINGREQUEST']._serialized_end=718
+  _globals['_WORKERINCOMINGRESPONSE']._serialized_start=720
+  _globals['_WORKERINCOMINGRESPONSE']._serialized_end=762
+  _globals['_WORKERMIGRATIONREQUEST']._serialized_start=764
+  _globals['_WORKERMIGRATIONREQUEST']._serialized_end=866
+  _globals['_WORKER']._serialized_start=1047
+  _globals['_WORKER']._serialized_end=1728
 # @@protoc_insertion_point(module_scope)

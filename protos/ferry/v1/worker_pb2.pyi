@@ -234,3 +234,76 @@ class WorkerConsoleInput(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkerConsoleInput: _TypeAlias = WorkerConsoleInput  # noqa: Y015
+
+@_typing.final
+class WorkerIncomingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    token: _builtins.bytes
+    host: _builtins.str
+    """Address to listen on (port 0: any free port)."""
+    timeout_s: _builtins.float
+    """Discard the incoming VM after this long without a message from the source."""
+    def __init__(
+        self,
+        *,
+        token: _builtins.bytes = ...,
+        host: _builtins.str = ...,
+        timeout_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "timeout_s", b"timeout_s", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerIncomingRequest: _TypeAlias = WorkerIncomingRequest  # noqa: Y015
+
+@_typing.final
+class WorkerIncomingResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """host:port the source connects to."""
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerIncomingResponse: _TypeAlias = WorkerIncomingResponse  # noqa: Y015
+
+@_typing.final
+class WorkerMigrationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    token: _builtins.bytes
+    @_builtins.property
+    def options(self) -> _types_pb2.MigrationOptions: ...
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        token: _builtins.bytes = ...,
+        options: _types_pb2.MigrationOptions | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "options", b"options", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerMigrationRequest: _TypeAlias = WorkerMigrationRequest  # noqa: Y015

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from protos.ferry.v1 import types_pb2 as protos_dot_ferry_dot_v1_dot_types__pb2
 from protos.ferry.v1 import worker_pb2 as protos_dot_ferry_dot_v1_dot_worker__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -59,6 +60,26 @@ class WorkerStub:
                 request_serializer=protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerConsoleInput.SerializeToString,
                 response_deserializer=protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerStatus.FromString,
                 _registered_method=True)
+        self.ListenIncoming = channel.unary_unary(
+                '/ferry.v1.Worker/ListenIncoming',
+                request_serializer=protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerIncomingRequest.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerIncomingResponse.FromString,
+                _registered_method=True)
+        self.StartMigration = channel.unary_unary(
+                '/ferry.v1.Worker/StartMigration',
+                request_serializer=protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerMigrationRequest.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_types__pb2.MigrationStatus.FromString,
+                _registered_method=True)
+        self.CancelMigration = channel.unary_unary(
+                '/ferry.v1.Worker/CancelMigration',
+                request_serializer=protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerStatusRequest.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_types__pb2.MigrationStatus.FromString,
+                _registered_method=True)
+        self.GetMigration = channel.unary_unary(
+                '/ferry.v1.Worker/GetMigration',
+                request_serializer=protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerStatusRequest.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_types__pb2.MigrationStatus.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -95,6 +116,33 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListenIncoming(self, request, context):
+        """Incoming worker (started with --incoming): listen for the one migration stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartMigration(self, request, context):
+        """Source worker: stream the running VM to a prepared destination worker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelMigration(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMigration(self, request, context):
+        """The current or last outgoing migration (status NONE if none ran in this worker).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -122,6 +170,26 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.ConsoleInput,
                     request_deserializer=protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerConsoleInput.FromString,
                     response_serializer=protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerStatus.SerializeToString,
+            ),
+            'ListenIncoming': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListenIncoming,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerIncomingRequest.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerIncomingResponse.SerializeToString,
+            ),
+            'StartMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartMigration,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerMigrationRequest.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_types__pb2.MigrationStatus.SerializeToString,
+            ),
+            'CancelMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelMigration,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerStatusRequest.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_types__pb2.MigrationStatus.SerializeToString,
+            ),
+            'GetMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMigration,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerStatusRequest.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_types__pb2.MigrationStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -259,6 +327,114 @@ class Worker:
             '/ferry.v1.Worker/ConsoleInput',
             protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerConsoleInput.SerializeToString,
             protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListenIncoming(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.Worker/ListenIncoming',
+            protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerIncomingRequest.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerIncomingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.Worker/StartMigration',
+            protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerMigrationRequest.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_types__pb2.MigrationStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.Worker/CancelMigration',
+            protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerStatusRequest.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_types__pb2.MigrationStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.Worker/GetMigration',
+            protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerStatusRequest.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_types__pb2.MigrationStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,6 +8,7 @@ directory). Not a public API: it changes together with the agent.
 
 from collections import abc as _abc
 from grpc import aio as _aio
+from protos.ferry.v1 import types_pb2 as _types_pb2
 from protos.ferry.v1 import worker_pb2 as _worker_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -40,6 +41,13 @@ class WorkerStub:
     ConsoleOutput: _grpc.UnaryStreamMultiCallable[_worker_pb2.WorkerConsoleRequest, _worker_pb2.WorkerConsoleChunk]
     """Console output from an offset; with follow, until the VM stops."""
     ConsoleInput: _grpc.UnaryUnaryMultiCallable[_worker_pb2.WorkerConsoleInput, _worker_pb2.WorkerStatus]
+    ListenIncoming: _grpc.UnaryUnaryMultiCallable[_worker_pb2.WorkerIncomingRequest, _worker_pb2.WorkerIncomingResponse]
+    """Incoming worker (started with --incoming): listen for the one migration stream."""
+    StartMigration: _grpc.UnaryUnaryMultiCallable[_worker_pb2.WorkerMigrationRequest, _types_pb2.MigrationStatus]
+    """Source worker: stream the running VM to a prepared destination worker."""
+    CancelMigration: _grpc.UnaryUnaryMultiCallable[_worker_pb2.WorkerStatusRequest, _types_pb2.MigrationStatus]
+    GetMigration: _grpc.UnaryUnaryMultiCallable[_worker_pb2.WorkerStatusRequest, _types_pb2.MigrationStatus]
+    """The current or last outgoing migration (status NONE if none ran in this worker)."""
 
 @_typing.type_check_only
 class WorkerAsyncStub(WorkerStub):
@@ -50,6 +58,13 @@ class WorkerAsyncStub(WorkerStub):
     ConsoleOutput: _aio.UnaryStreamMultiCallable[_worker_pb2.WorkerConsoleRequest, _worker_pb2.WorkerConsoleChunk]  # type: ignore[assignment]
     """Console output from an offset; with follow, until the VM stops."""
     ConsoleInput: _aio.UnaryUnaryMultiCallable[_worker_pb2.WorkerConsoleInput, _worker_pb2.WorkerStatus]  # type: ignore[assignment]
+    ListenIncoming: _aio.UnaryUnaryMultiCallable[_worker_pb2.WorkerIncomingRequest, _worker_pb2.WorkerIncomingResponse]  # type: ignore[assignment]
+    """Incoming worker (started with --incoming): listen for the one migration stream."""
+    StartMigration: _aio.UnaryUnaryMultiCallable[_worker_pb2.WorkerMigrationRequest, _types_pb2.MigrationStatus]  # type: ignore[assignment]
+    """Source worker: stream the running VM to a prepared destination worker."""
+    CancelMigration: _aio.UnaryUnaryMultiCallable[_worker_pb2.WorkerStatusRequest, _types_pb2.MigrationStatus]  # type: ignore[assignment]
+    GetMigration: _aio.UnaryUnaryMultiCallable[_worker_pb2.WorkerStatusRequest, _types_pb2.MigrationStatus]  # type: ignore[assignment]
+    """The current or last outgoing migration (status NONE if none ran in this worker)."""
 
 class WorkerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -87,5 +102,36 @@ class WorkerServicer(metaclass=_abc_1.ABCMeta):
         request: _worker_pb2.WorkerConsoleInput,
         context: _ServicerContext,
     ) -> _typing.Union[_worker_pb2.WorkerStatus, _abc.Awaitable[_worker_pb2.WorkerStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def ListenIncoming(
+        self,
+        request: _worker_pb2.WorkerIncomingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_worker_pb2.WorkerIncomingResponse, _abc.Awaitable[_worker_pb2.WorkerIncomingResponse]]:
+        """Incoming worker (started with --incoming): listen for the one migration stream."""
+
+    @_abc_1.abstractmethod
+    def StartMigration(
+        self,
+        request: _worker_pb2.WorkerMigrationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.MigrationStatus, _abc.Awaitable[_types_pb2.MigrationStatus]]:
+        """Source worker: stream the running VM to a prepared destination worker."""
+
+    @_abc_1.abstractmethod
+    def CancelMigration(
+        self,
+        request: _worker_pb2.WorkerStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.MigrationStatus, _abc.Awaitable[_types_pb2.MigrationStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def GetMigration(
+        self,
+        request: _worker_pb2.WorkerStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.MigrationStatus, _abc.Awaitable[_types_pb2.MigrationStatus]]:
+        """The current or last outgoing migration (status NONE if none ran in this worker)."""
 
 def add_WorkerServicer_to_server(servicer: WorkerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
