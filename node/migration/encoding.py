@@ -7,9 +7,11 @@ zstd level 1 or an lz4 block. Pages that became all-zero travel as bare page num
 Compression is chosen per batch and only when it wins. On loopback the link (~1.5 GB/s) is
 faster than either compressor (zstd-1 ~0.3 GB/s, lz4 ~0.5 GB/s), so compressing would slow
 the migration down; on a slow link it saves time. :class:`CompressionPolicy` therefore
-compares, per batch, the time to send raw bytes against the time to compress and send fewer,
-from the measured link bandwidth and the compressors' measured speed and ratio on this
-guest's pages (refreshed by compressing a small sample now and then).
+compares, per batch, the time to send raw bytes against the time to compress, send fewer and
+decompress them, from the measured link bandwidth and the codecs' measured speeds and ratio
+on this guest's pages (refreshed by compressing a small sample now and then). Compression
+must win by a clear margin, because on one host both ends share the CPUs that compressing
+and decompressing would take from the stream itself.
 
 Unpacking (:func:`decode_batch`) trusts nothing: encoding known, page counts bounded, page
 numbers in range and distinct, raw payload exactly the right size, and compressed payloads
@@ -162,17 +164,30 @@ class _CodecEstimate:
 
     seconds_per_byte: float = 0.0
     ratio: float = 1.0
+    # The destination's cost to decompress, estimated by decompressing samples here.
+    decode_seconds_per_byte: float = 0.0
     measured: bool = False
 
-    def record(self, raw_bytes: int, out_bytes: int, seconds: float) -> None:
+    def record(
+        self, raw_bytes: int, out_bytes: int, seconds: float, decode_seconds: float | None = None
+    ) -> None:
         spb = max(seconds, 1e-9) / raw_bytes
         ratio = out_bytes / raw_bytes
+        dspb = None if decode_seconds is None else max(decode_seconds, 1e-9) / raw_bytes
         if not self.measured:
             self.seconds_per_byte, self.ratio, self.measured = spb, ratio, True
+            if dspb is not None:
+                self.decode_seconds_per_byte = dspb
         else:
             # Exponential average: page contents drift during a migration, slowly.
             self.seconds_per_byte += 0.3 * (spb - self.seconds_per_byte)
             self.ratio += 0.3 * (ratio - self.ratio)
+            if dspb is not None:
+                self.decode_seconds_per_byte += 0.3 * (dspb - self.decode_seconds_per_byte)
+
+    def cost_per_byte(self, link_bandwidth: float) -> float:
+        """Seconds per byte of RAM to compress, send and decompress with this codec."""
+        return self.seconds_per_byte + self.decode_seconds_per_byte + self.ratio / link_bandwidth
 
 
 COMPRESSION_MODES = ("auto", "none", "zstd", "lz4")
@@ -189,6 +204,8 @@ class CompressionPolicy:
 
     SAMPLE_EVERY = 16
     SAMPLE_PAGES = 16
+    # A codec is used only when its predicted cost is below this fraction of raw's.
+    MARGIN = 0.8
 
     def __init__(self, mode: str = "auto", timer: Callable[[], float] = time.perf_counter):
         if mode not in COMPRESSION_MODES:
@@ -236,20 +253,21 @@ class CompressionPolicy:
         for codec, estimate in self._estimates.items():
             t0 = self._timer()
             packed = compress(codec, sample)
-            spent = self._timer() - t0
-            self.busy_seconds += spent
-            estimate.record(len(sample), len(packed), spent)
+            t1 = self._timer()
+            decompress(codec, packed, len(sample))
+            t2 = self._timer()
+            self.busy_seconds += t2 - t0
+            estimate.record(len(sample), len(packed), t1 - t0, t2 - t1)
 
     def _best_codec(self, link_bandwidth: float) -> Encoding | None:
         if link_bandwidth <= 0:
             return None
-        per_byte_raw = 1.0 / link_bandwidth
         best: Encoding | None = None
-        best_cost = per_byte_raw
+        best_cost = self.MARGIN / link_bandwidth
         for codec, est in self._estimates.items():
             if not est.measured:
                 continue
-            cost = est.seconds_per_byte + est.ratio * per_byte_raw
+            cost = est.cost_per_byte(link_bandwidth)
             if cost < best_cost:
                 best, best_cost = codec, cost
         return best

@@ -99,6 +99,9 @@ _SCAN_CHUNKS_PER_POLL = 16
 _PROGRESS = 0.9
 # A bandwidth figure from fewer bytes than this is mostly latency; keep the previous one.
 _MIN_BANDWIDTH_SAMPLE = 1 << 20
+# The link's speed (for the compression choice) is measured over windows of this many
+# acknowledged bytes of raw batches: long enough that the first batches' latency washes out.
+_LINK_WINDOW = 2 << 20
 # More credit than this from a destination is a protocol error, not generosity.
 _MAX_CREDIT = 1024
 THROTTLE_FIRST = 20
@@ -268,6 +271,7 @@ class MigrationSender:
         self._next_seq = 1
         self._acked_seq = 0
         self._sent_bytes: dict[int, int] = {}
+        self._sent_compressed: set[int] = set()
 
         # The current round's pages: round 0 scans RAM lazily, later rounds walk an array.
         self._round = 0
@@ -280,7 +284,6 @@ class MigrationSender:
         self._round_acked_bytes = 0
         self._round_pages = 0
         self._round_zero = 0
-        self._round_busy_start = 0.0
         self._final_fetch_done = False
         self._scan_budget = 0
         self._yielded = False
@@ -307,6 +310,12 @@ class MigrationSender:
         self._last_batch_bytes = 0
         self._tx_bytes = 0
         self._tx_seconds = 0.0
+        # The fastest the link has been seen carrying raw batches (see _measure_link).
+        self._link_peak = 0.0
+        self._link_window_start = 0.0
+        self._link_window_busy = 0.0
+        self._link_window_bytes = 0
+        self._link_window_mixed = False
 
     # ----------------------------------------------------------------- driver interface
 
@@ -490,11 +499,17 @@ class MigrationSender:
             self._credit = ack.credit
             return self._begin_round_0(now)
         for seq in range(self._acked_seq + 1, ack.acked_seq + 1):
-            self._round_acked_bytes += self._sent_bytes.pop(seq, 0)
+            size = self._sent_bytes.pop(seq, 0)
+            self._round_acked_bytes += size
+            self._link_window_bytes += size
+            if seq in self._sent_compressed:
+                self._sent_compressed.discard(seq)
+                self._link_window_mixed = True
         self._acked_seq = ack.acked_seq
         self._credit += ack.credit
         if self.phase in (Phase.ROUND_0, Phase.ITERATING):
             self._measure_bandwidth(now)
+            self._measure_link(now)
             if self._round_exhausted() and self._acked_seq >= self._round_last_seq:
                 return self._end_round(now)
         return []
@@ -505,6 +520,7 @@ class MigrationSender:
         self._logging = True
         self.phase = Phase.ROUND_0
         self._pace_start = now
+        self._start_link_window(now)
         self._start_round(0, now)
         return []
 
@@ -519,7 +535,6 @@ class MigrationSender:
         self._round_acked_bytes = 0
         self._round_pages = 0
         self._round_zero = 0
-        self._round_busy_start = self._policy.busy_seconds
 
     def _round_exhausted(self) -> bool:
         if self._todo_pos < len(self._todo):
@@ -559,7 +574,15 @@ class MigrationSender:
     def _next_pages(self, round_number: int) -> Pages | None:
         """Build the next batch of the current round, or None when it has no more."""
         while (candidates := self._next_candidates()) is not None:
-            data = self._pages[candidates]
+            if len(candidates) and (np.diff(candidates) == 1).all():
+                # A run of consecutive pages (most of round 0, often later rounds too):
+                # a view of RAM, so the payload is copied once, by the wire encoder. Should
+                # the guest write a page before that copy, the dirty log has it for the next
+                # round, which resends the page and its hash together.
+                first = int(candidates[0])
+                data = self._pages[first : first + len(candidates)]
+            else:
+                data = self._pages[candidates]
             zero = ~data.view(np.uint64).any(axis=1)
             # A zero page needs a marker only if the destination holds it as non-zero.
             marker = zero & ~self.digest.is_zero(candidates)
@@ -579,6 +602,7 @@ class MigrationSender:
             encoding, payload = self._policy.encode(contents, self._link_bandwidth())
             if encoding != "raw":
                 self._compressed_bytes += len(payload)
+                self._sent_compressed.add(self._next_seq)
             self._normal += len(numbers)
             self._round_pages += len(numbers) + len(zero_pages)
             return Pages(
@@ -632,17 +656,35 @@ class MigrationSender:
         if self._round_acked_bytes >= _MIN_BANDWIDTH_SAMPLE and elapsed > 0:
             self._bandwidth = self._round_acked_bytes / elapsed
 
+    def _start_link_window(self, now: float) -> None:
+        self._link_window_start = now
+        self._link_window_busy = self._policy.busy_seconds
+        self._link_window_bytes = 0
+        self._link_window_mixed = False
+
+    def _measure_link(self, now: float) -> None:
+        """Track the best rate at which raw batches were acknowledged.
+
+        Only windows of raw batches count: compressing makes fewer bytes cross the wire in
+        the same time, so a window with compressed batches would make the link look slower
+        and compression look better, feeding on itself. The peak, not the average, because
+        on one host the stream is bounded by the CPUs both ends share, and a moment of
+        contention (or the guest's slice between polls) slows the acknowledgements without
+        making the link any slower; only a link slow in every window lets compression in.
+        """
+        if self._link_window_bytes < _LINK_WINDOW:
+            return
+        elapsed = now - self._link_window_start
+        elapsed -= self._policy.busy_seconds - self._link_window_busy
+        if not self._link_window_mixed and elapsed > 0:
+            self._link_peak = max(self._link_peak, self._link_window_bytes / elapsed)
+        self._start_link_window(now)
+
     def _link_bandwidth(self) -> float:
-        """The link's own bandwidth as best known, for deciding whether to compress."""
+        """The link's own bandwidth as best known (0: not yet), for choosing compression."""
         if self._tx_seconds > 0:
             return self._tx_bytes / self._tx_seconds
-        if self._bandwidth <= 0:
-            return 0.0
-        elapsed = self._clock() - self._round_start
-        busy = self._policy.busy_seconds - self._round_busy_start
-        if self._round_acked_bytes >= _MIN_BANDWIDTH_SAMPLE and elapsed - busy > 0:
-            return self._round_acked_bytes / (elapsed - busy)
-        return self._bandwidth
+        return self._link_peak
 
     def _pacing(self) -> bool:
         return self.options.max_bandwidth > 0 and self.phase is not Phase.SWITCHOVER
