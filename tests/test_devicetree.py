@@ -81,3 +81,50 @@ def test_no_append_means_no_bootargs_and_junk_is_refused() -> None:
     assert tree(bootargs="").get_property("bootargs", "/chosen") is None
     with pytest.raises(ValueError, match="printable ASCII"):
         build_devicetree(0x8000_0000, 64 << 20, "bad\x01arg")
+
+
+# Where Ferry's tree says something else than QEMU's on purpose: the board's name, and the
+# hart and PLIC Ferry actually has (RV64IMAC with Sv39; 95 interrupt sources).
+INTENDED_DIFFERENCES = {
+    ("/", "model"),
+    ("/cpus/cpu@0", "riscv,isa"),
+    ("/cpus/cpu@0", "mmu-type"),
+    ("/soc/plic@c000000", "riscv,ndev"),
+}
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-riscv64") is None, reason="QEMU not installed")
+def test_every_node_and_property_matches_qemu_virt(tmp_path: Path) -> None:
+    dumped = tmp_path / "qemu.dtb"
+    kernel = tmp_path / "Image"  # QEMU takes -append only with a kernel
+    kernel.write_bytes(b"\x6f\x00\x00\x00")
+    subprocess.run(
+        [
+            "qemu-system-riscv64",
+            "-machine",
+            f"virt,dumpdtb={dumped}",
+            "-m",
+            "256M",
+            "-bios",
+            "none",
+            "-kernel",
+            str(kernel),
+            "-append",
+            "console=ttyS0",
+            "-nographic",
+        ],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    qemu = fdt.parse_dtb(dumped.read_bytes())
+    ferry = tree(memory=256 << 20, bootargs="console=ttyS0")
+    compared = 0
+    for path, _, props in ferry.walk():
+        assert qemu.exist_node(path), f"QEMU has no {path}"
+        for prop in props:
+            if (path, prop.name) in INTENDED_DIFFERENCES:
+                continue
+            assert qemu.get_node(path).get_property(prop.name) == prop, f"{path} {prop.name}"
+            compared += 1
+    assert compared > 40
