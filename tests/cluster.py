@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,15 +30,23 @@ from protos.ferry.v1 import node_pb2, node_pb2_grpc, types_pb2
 REPO = Path(__file__).resolve().parent.parent
 GUESTS = REPO / "guests" / "build"
 STARTUP_TIMEOUT = 60.0
+DIRTIER = GUESTS / "dirtier.elf"
+MEMORY = 32 << 20
+TICK = re.compile(rb"^tick (\d+) sum=0x[0-9a-f]{16}\r?$", re.MULTILINE)
+RUNNING = types_pb2.VM_STATE_RUNNING
 
 
 class NodeProcess:
     """One ``ferry-node`` process and a client for it."""
 
-    def __init__(self, name: str, data_dir: Path, args: list[str]) -> None:
+    def __init__(
+        self, name: str, data_dir: Path, args: list[str], env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.data_dir = data_dir
         self.args = args
+        # Extra environment for the agent and so for its workers (e.g. FERRY_FAULT).
+        self.env = env or {}
         self.log_path = data_dir.parent / f"{name}-agent.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.address = ""
@@ -63,7 +72,12 @@ class NodeProcess:
         ]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                start_new_session=True,
+                env={**os.environ, **self.env},
             )
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while time.monotonic() < deadline:
@@ -121,8 +135,15 @@ class NodeProcess:
         memory: int = 16 << 20,
         append: str = "",
         start: bool = True,
+        deterministic: bool = False,
     ) -> types_pb2.VMInfo:
-        spec = types_pb2.VMSpec(name=name, memory_bytes=memory, kernel=str(kernel), append=append)
+        spec = types_pb2.VMSpec(
+            name=name,
+            memory_bytes=memory,
+            kernel=str(kernel),
+            append=append,
+            deterministic=deterministic,
+        )
         return self.stub.CreateVM(node_pb2.CreateVMRequest(spec=spec, start=start), timeout=60)
 
     def get(self, name: str) -> types_pb2.VMInfo:
@@ -160,6 +181,101 @@ class NodeProcess:
             time.sleep(0.05)
 
 
+def migrate(
+    source: NodeProcess,
+    destination: NodeProcess,
+    name: str,
+    options: types_pb2.MigrationOptions | None = None,
+    *,
+    token: bytes = b"",
+    incoming_timeout: float = 0.0,
+) -> types_pb2.MigrationStatus:
+    """Live-migrate ``name`` node to node as the coordinator does (PrepareIncoming on the
+    destination, StartMigration on the source) and return the source's final status."""
+    spec = source.get(name).spec
+    prepared = destination.stub.PrepareIncoming(
+        node_pb2.PrepareIncomingRequest(spec=spec, timeout_s=incoming_timeout), timeout=60
+    )
+    source.stub.StartMigration(
+        node_pb2.StartMigrationRequest(
+            name=name,
+            destination_endpoint=prepared.endpoint,
+            token=token or prepared.token,
+            options=options or types_pb2.MigrationOptions(),
+        ),
+        timeout=30,
+    )
+    return wait_migration(source, name)
+
+
+MIGRATION_ENDED = {
+    types_pb2.MIGRATION_STATE_COMPLETED,
+    types_pb2.MIGRATION_STATE_FAILED,
+    types_pb2.MIGRATION_STATE_CANCELLED,
+    types_pb2.MIGRATION_STATE_UNKNOWN,
+}
+
+
+def wait_migration(
+    node: NodeProcess, name: str, timeout: float = 120.0
+) -> types_pb2.MigrationStatus:
+    """Follow the migration (WatchMigration) until it ends; its final status."""
+    last = types_pb2.MigrationStatus()
+    for status in node.stub.WatchMigration(node_pb2.VMRef(name=name), timeout=timeout):
+        last = status
+    if last.status not in MIGRATION_ENDED:
+        last = node.stub.GetMigration(node_pb2.VMRef(name=name), timeout=10)
+    return last
+
+
+# -- the dirtier, the live-migration workload ------------------------------------------------
+# It rewrites its working set all the time and checks its own memory every tick, printing
+# CORRUPT (and failing) on a lost or stale page; its ticks are numbered, so a gap or a
+# repeat shows in the console.
+
+
+def ticks(out: bytes) -> list[int]:
+    """The dirtier's tick numbers, checked to be 0, 1, 2, ... with no corruption."""
+    assert b"CORRUPT" not in out, out.decode(errors="replace")
+    numbers = [int(n) for n in TICK.findall(out)]
+    assert numbers == list(range(len(numbers))), numbers
+    return numbers
+
+
+def wait_ticks(node: NodeProcess, name: str, count: int, timeout: float = 60.0) -> bytes:
+    """The console once the dirtier has printed ``count`` ticks (a bound, not a timing test)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out, _ = node.console(name, follow=False)
+        if len(ticks(out)) >= count or time.monotonic() > deadline:
+            return out
+        time.sleep(0.05)
+
+
+def state(node: NodeProcess, name: str) -> types_pb2.VMState.ValueType:
+    try:
+        return node.get(name).state
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.NOT_FOUND
+        return types_pb2.VM_STATE_UNSPECIFIED
+
+
+def start_dirtier(node: NodeProcess, name: str = "vm", append: str = "wss=4 rate=20") -> None:
+    node.create(name, DIRTIER, memory=MEMORY, append=append)
+    wait_ticks(node, name, 2)
+
+
+def assert_keeps_running_on(node: NodeProcess, name: str, *others: NodeProcess) -> None:
+    """The VM runs on ``node`` only, and its dirtier goes on ticking with correct sums."""
+    info = node.wait_state(name, RUNNING, timeout=30)
+    assert info.state == RUNNING, types_pb2.VMState.Name(info.state)
+    for other in others:
+        assert state(other, name) != RUNNING
+    before = len(ticks(node.console(name, follow=False)[0]))
+    out = wait_ticks(node, name, before + 3)
+    assert len(ticks(out)) >= before + 3
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
@@ -189,12 +305,17 @@ class Cluster:
         self.nodes: list[NodeProcess] = []
 
     def node(
-        self, name: str = "node-a", *extra: str, vcpus: int = 2, memory: str = "1G"
+        self,
+        name: str = "node-a",
+        *extra: str,
+        vcpus: int = 2,
+        memory: str = "1G",
+        env: dict[str, str] | None = None,
     ) -> NodeProcess:
         """Start a new agent (its data dir under the cluster's root)."""
         data_dir = self.root / name
         args = ["--vcpus", str(vcpus), "--memory", memory, *extra]
-        node = NodeProcess(name, data_dir, args).start()
+        node = NodeProcess(name, data_dir, args, env).start()
         self.nodes.append(node)
         return node
 
