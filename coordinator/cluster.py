@@ -222,7 +222,8 @@ class Cluster:
         return views
 
     def place(self, vm: coordinator_pb2.VM, *, only: str = "", exclude: str = "") -> str:
-        """Choose a node for ``vm`` (not counting the VM itself where it is now)."""
+        """Choose a node for ``vm``. A VM that moves excludes its current node, so its own
+        resources and anti-affinity group there never count against the choice."""
         request = scheduler.PlacementRequest(
             vcpus=vm.spec.vcpus or 1,
             memory=vm.spec.memory_bytes,
@@ -232,22 +233,6 @@ class Cluster:
             only=only,
         )
         views = self.scheduler_views()
-        if vm.anti_affinity_group and vm.spec.name in self.vms:
-            # The VM's own group membership must not keep it off a node it is not on.
-            views = [
-                v
-                if v.name != vm.node
-                or sum(
-                    1
-                    for o in self.vms.values()
-                    if o.node == v.name and o.anti_affinity_group == vm.anti_affinity_group
-                )
-                > 1
-                else scheduler.NodeView(
-                    **{**v.__dict__, "groups": v.groups - {vm.anti_affinity_group}}
-                )
-                for v in views
-            ]
         try:
             return scheduler.place(request, views, self.settings.weigher)
         except scheduler.NoPlacement as e:

@@ -247,3 +247,50 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     except OSError:
         return True
+
+
+def test_interactive_console_sends_keys_and_detaches_on_ctrl_bracket(cl: CoordCluster) -> None:
+    cl.create("ia")
+    try:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "coordinator.cli",
+                "--coordinator",
+                cl.coordinator.address,
+                "vm",
+                "console",
+                "ia",
+            ],
+            input=b"hello\x1d",
+            capture_output=True,
+            cwd=REPO,
+            timeout=120,
+        )
+        assert result.returncode == 0
+        assert b"[ferry: detached]" in result.stderr
+    finally:
+        cl.stub.DeleteVM(cli.node_pb2.VMRef(name="ia"), timeout=60)
+
+
+def test_migrate_prints_the_finished_operation(cl: CoordCluster) -> None:
+    from coordcluster import migration_available
+
+    if not migration_available(cl.stub, cl.nodes[0]):
+        pytest.skip("the agents do not implement live migration yet")
+    cl.agent("nb", "zone=b")
+    cl.create("mj", node="na")
+    result = ferry(
+        "vm", "migrate", "mj", "--to", "nb", "--json", "--coordinator", cl.coordinator.address
+    )
+    assert result.returncode == 0, result.stderr
+    op = json.loads(result.stdout)
+    assert op["kind"] == "migrate-vm" and op["state"] == "succeeded"
+    item = op["items"][0]
+    assert (item["source"], item["destination"]) == ("na", "nb")
+    assert item["migration"]["status"] == "completed"
+    assert item["migration"]["transferred"] > 0
+    again = ferry("vm", "migrate", "mj", "--to", "nb", "--coordinator", cl.coordinator.address)
+    assert again.returncode == 1 and again.stderr == "ferry: VM mj already runs on nb\n"
+    cl.stub.DeleteVM(cli.node_pb2.VMRef(name="mj"), timeout=60)
