@@ -1,0 +1,843 @@
+"""Live migration of the `dirtier` guest, Ferry beside QEMU, with the gRPC stream's ceiling.
+
+Prints, in one run on this machine:
+
+1. The gRPC stream's ceiling between two processes on loopback: 1 MiB messages carried as
+   ready-made bytes (the stream alone), and as protobuf messages serialised and parsed on
+   each side; and Ferry's sender → stream → receiver pipeline moving 64 MiB of synthetic
+   RAM (round 0 of a guest whose vCPU does not compete for the interpreter), as a fraction
+   of both. Median of several runs.
+2. For each case (RAM, working set, dirty rate): `dirtier` migrated between two Ferry
+   processes on this machine, and the same image migrated by QEMU 7.2 (TCG) through QMP,
+   with total time, downtime, bytes transferred, dirty-bitmap syncs (rounds), Ferry's
+   round-0 throughput, and the Ferry/QEMU ratios.
+
+The Ferry side runs the migration core as a VMM worker does (node/migration_endpoint.py):
+each end is its own process holding a real VM, connected by a real gRPC ``Migrate``
+stream carrying the serialised form of node.migration.wire; the source runs guest slices
+between its sender's steps and honours throttling. Both ends share the host, so their
+monotonic clocks compare and downtime is measured from the source's pause to the moment the
+destination's VM resumed. Repetitions ping-pong the same running guest between the two
+processes (its own checks keep verifying its memory all along), so the slow fill of a big
+working set on Ferry's interpreted vCPU is paid once per case.
+
+Both sides use a 300 ms downtime limit and unlimited bandwidth (QEMU's default cap of
+128 MiB/s is raised, as libvirt does). Every case has a timeout; a migration that does not
+converge ends by Ferry's policy (throttle, raise the downtime budget, cancel), and a QEMU
+migration still running at the timeout is cancelled. Never pass/fail: exits 0.
+
+``--quick`` runs only the 16 MiB working sets once (a smoke run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+import queue
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+
+from node.migration import (  # noqa: E402
+    Action,
+    Cancelled,
+    Completed,
+    DiscardVM,
+    Failed,
+    MigrationOptions,
+    MigrationReceiver,
+    MigrationSender,
+    OutcomeUnknown,
+    PauseVM,
+    ResumeVM,
+    SendMessage,
+    SetThrottle,
+    wire,
+)
+from node.migration.messages import DestinationMessage, Message, SourceMessage  # noqa: E402
+
+DIRTIER = ROOT / "guests" / "build" / "dirtier.elf"
+QEMU = "qemu-system-riscv64"
+MiB = 1 << 20
+PAGE = 4096
+BATCH_BYTES = 256 * PAGE
+DOWNTIME_MS = 300.0
+# Guest instructions per slice between the sender's steps, as the worker runs them.
+SLICE = 20_000
+CASE_TIMEOUT_S = 60.0
+QEMU_TIMEOUT_S = 30.0
+TOKEN = b"bench-migration-token"
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 80 << 20),
+    ("grpc.max_send_message_length", 80 << 20),
+]
+CEILING_RUNS = 5
+SYNTHETIC_MIB = 64
+
+
+# =========================================================== the gRPC stream's ceiling
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def _count_server_main(ports: Any) -> None:
+    """A destination that only counts: raw bytes on one method, protobuf on another."""
+    from protos.ferry.v1 import migration_pb2 as pb
+
+    def count(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[bytes]:
+        n = sum(1 for _ in requests)
+        yield pb.DestinationMessage(ack=pb.Ack(acked_seq=n)).SerializeToString()
+
+    handlers = {
+        "Raw": grpc.stream_stream_rpc_method_handler(
+            count, request_deserializer=_identity, response_serializer=_identity
+        ),
+        "Proto": grpc.stream_stream_rpc_method_handler(
+            count, request_deserializer=pb.SourceMessage.FromString, response_serializer=_identity
+        ),
+    }
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=GRPC_OPTIONS)
+    service = grpc.method_handlers_generic_handler("bench.Count", handlers)
+    server.add_generic_rpc_handlers((service,))
+    ports.put(server.add_insecure_port("127.0.0.1:0"))
+    server.start()
+    server.wait_for_termination()
+
+
+def _stream_seconds(port: int, method: str, message: Any, count: int) -> float:
+    from protos.ferry.v1 import migration_pb2 as pb
+
+    serialise = _identity if method == "Raw" else pb.SourceMessage.SerializeToString
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as channel:
+        call = channel.stream_stream(
+            f"/bench.Count/{method}", request_serializer=serialise, response_deserializer=_identity
+        )
+        t0 = time.perf_counter()
+        for _ in call(iter([message] * count)):
+            pass
+        return time.perf_counter() - t0
+
+
+def synthetic_ram(mib: int, seed: int = 1) -> bytearray:
+    """Guest-like RAM: a quarter zero pages, a quarter random, half small structured values."""
+    pages = mib * MiB // PAGE
+    rng = np.random.default_rng(seed)
+    ram = bytearray(pages * PAGE)
+    grid = np.frombuffer(ram, dtype=np.uint8).reshape(pages, PAGE)
+    kind = rng.integers(0, 4, size=pages)
+    rand = kind == 1
+    grid[rand] = rng.integers(0, 256, size=(int(rand.sum()), PAGE), dtype=np.uint8)
+    structured = np.flatnonzero(kind >= 2)
+    words = grid.view(np.uint64)
+    words[structured] = rng.integers(0, 1 << 12, size=(len(structured), PAGE // 8), dtype=np.uint64)
+    return ram
+
+
+class _Idle:
+    """The dirty log of a guest that writes nothing."""
+
+    def enable(self) -> None: ...
+
+    def disable(self) -> None: ...
+
+    def fetch_and_reset(self) -> np.ndarray:
+        return np.zeros(0, dtype=np.int64)
+
+
+def _synthetic_receiver_main(ram_size: int, ports: Any) -> None:
+    """A destination process running the real receiver into a fresh RAM buffer per stream."""
+    import mmap
+
+    def migrate(
+        requests: Iterator[SourceMessage], context: grpc.ServicerContext
+    ) -> Iterator[DestinationMessage]:
+        ram = mmap.mmap(-1, ram_size)
+        receiver = MigrationReceiver(
+            memoryview(ram), token=TOKEN, config_hash="synthetic", restore=lambda s: None
+        )
+        for request in requests:
+            for action in receiver.receive(request):
+                if isinstance(action, SendMessage):
+                    yield action.message  # type: ignore[misc]
+            if receiver.finished:
+                return
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=GRPC_OPTIONS)
+    server.add_generic_rpc_handlers((wire.migration_handler(migrate),))
+    ports.put(server.add_insecure_port("127.0.0.1:0"))
+    server.start()
+    server.wait_for_termination()
+
+
+def _spawn(target: Callable[..., None], *args: Any) -> tuple[Any, int]:
+    ctx = multiprocessing.get_context("spawn")  # grpc does not survive fork
+    ports = ctx.Queue()
+    process = ctx.Process(target=target, args=(*args, ports), daemon=True)
+    process.start()
+    return process, int(ports.get(timeout=120))
+
+
+def synthetic_round0_seconds(port: int, ram: bytearray) -> tuple[float, float]:
+    """(seconds for the whole migration, seconds of round 0) of an idle synthetic guest."""
+    sender = MigrationSender(
+        memoryview(ram), _Idle(), dict, token=TOKEN, config_hash="synthetic"
+    )
+    outbox: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
+    replies: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as channel:
+        call = wire.migrate_call(channel)(iter(outbox.get, None))
+        reader = threading.Thread(target=_read_replies, args=(call, replies), daemon=True)
+        t0 = time.perf_counter()
+        reader.start()
+        for action in sender.start():
+            outbox.put(action.message)  # type: ignore[union-attr]
+        while not sender.finished:
+            while actions := sender.poll():
+                for action in actions:
+                    if isinstance(action, SendMessage):
+                        outbox.put(action.message)
+            reply = replies.get()
+            actions = sender.connection_lost() if reply is None else sender.receive(reply)
+            for action in actions:
+                if isinstance(action, SendMessage):
+                    outbox.put(action.message)
+        elapsed = time.perf_counter() - t0
+        outbox.put(None)
+        call.cancel()
+    assert sender.phase == "completed", sender.reason
+    return elapsed, sender.rounds[0].duration_s
+
+
+def _read_replies(call: Any, replies: queue.SimpleQueue[Message | None]) -> None:
+    try:
+        for reply in call:
+            replies.put(reply)
+    except grpc.RpcError:
+        pass
+    replies.put(None)
+
+
+@dataclass
+class Ceiling:
+    raw: float
+    proto: float
+    ferry: float
+
+
+def measure_ceiling(runs: int = CEILING_RUNS) -> Ceiling:
+    from protos.ferry.v1 import migration_pb2 as pb
+
+    ram = synthetic_ram(SYNTHETIC_MIB)
+    words = np.frombuffer(ram, dtype=np.uint64).reshape(-1, PAGE // 8)
+    nonzero_bytes = int(words.any(axis=1).sum()) * PAGE
+    count = nonzero_bytes // BATCH_BYTES
+    payload = bytes(range(256)) * (BATCH_BYTES // 256)
+    proto = pb.SourceMessage(
+        pages=pb.Pages(seq=1, encoding=pb.ENCODING_RAW, page_numbers=range(256), payload=payload)
+    )
+    raw = proto.SerializeToString()
+    counter, count_port = _spawn(_count_server_main)
+    receiver, receive_port = _spawn(_synthetic_receiver_main, len(ram))
+    rates: dict[str, list[float]] = {"raw": [], "proto": [], "ferry": []}
+    try:
+        for _ in range(runs):
+            rates["raw"].append(
+                count * BATCH_BYTES / _stream_seconds(count_port, "Raw", raw, count)
+            )
+            rates["proto"].append(
+                count * BATCH_BYTES / _stream_seconds(count_port, "Proto", proto, count)
+            )
+            _, round0 = synthetic_round0_seconds(receive_port, ram)
+            rates["ferry"].append(nonzero_bytes / round0)
+    finally:
+        counter.terminate()
+        receiver.terminate()
+    return Ceiling(*(statistics.median(rates[k]) for k in ("raw", "proto", "ferry")))
+
+
+# ======================================================== Ferry: two VM host processes
+
+
+def _config(ram_mib: int, wss: int, rate: int) -> Any:
+    from vmcore.vm import VMConfig
+
+    return VMConfig(kernel=str(DIRTIER), memory=ram_mib * MiB, append=f"wss={wss} rate={rate}")
+
+
+class VMHost:
+    """One process's side of the bench: holds at most one VM, boots, sends or receives it.
+
+    Runs in a spawned process; commands arrive on a pipe. While it holds a running VM and
+    has no command to serve, it runs the guest, so the dirtier keeps dirtying.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        from vmcore.vm import VM
+
+        self.conn = conn
+        self.vm: VM | None = None
+        self.console = bytearray()
+
+    def serve(self) -> None:
+        while True:
+            if self.vm is not None and self.vm.state == "running":
+                if not self.conn.poll(0):
+                    self._slice()
+                    continue
+            elif not self.conn.poll(0.05):
+                continue
+            command, args = self.conn.recv()
+            if command == "quit":
+                return
+            try:
+                result = getattr(self, command)(*args)
+            except Exception as exc:  # reported to the bench, which prints it
+                result = {"error": f"{type(exc).__name__}: {exc}"}
+            self.conn.send(result)
+
+    def _slice(self) -> None:
+        assert self.vm is not None
+        result = self.vm.run_slice(SLICE)
+        if result.reason == "idle" and result.idle_seconds:
+            # The guest waits for its timer: sleep, but stay responsive to commands.
+            self.conn.poll(min(result.idle_seconds, 0.005))
+
+    def boot(self, ram_mib: int, wss: int, rate: int) -> dict[str, Any]:
+        from vmcore.vm import VM
+
+        self.console = bytearray()
+        self.vm = VM(_config(ram_mib, wss, rate), self.console.extend)
+        self.vm.start()
+        t0 = time.perf_counter()
+        # Round 0 should find the working set filled: wait for the first tick.
+        while b"tick 0" not in self.console and self.vm.state == "running":
+            self._slice()
+        console = self.console.decode(errors="replace")
+        return {"fill_s": time.perf_counter() - t0, "console": console}
+
+    def observe(self, seconds: float) -> dict[str, Any]:
+        """Run the guest a while; return its console and whether it still runs."""
+        assert self.vm is not None
+        start = len(self.console)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and self.vm.state == "running":
+            self._slice()
+        return {
+            "state": str(self.vm.state),
+            "console": self.console[start:].decode(errors="replace"),
+        }
+
+    def receive(self, ram_mib: int, wss: int, rate: int) -> dict[str, Any]:
+        """Prepare an incoming VM, serve one Migrate stream, resume the guest."""
+        from vmcore.vm import VM, config_hash
+
+        self.console = bytearray()
+        config = _config(ram_mib, wss, rate)
+        vm = VM(config, self.console.extend, incoming=True)
+        done = threading.Event()
+        outcome: dict[str, Any] = {}
+
+        def restore(state: dict[str, Any]) -> None:
+            vm.load_state(state)
+            vm.resume()
+            outcome["resumed_at"] = time.monotonic()
+
+        receiver = MigrationReceiver(
+            vm.ram.view, token=TOKEN, config_hash=config_hash(config), restore=restore
+        )
+
+        def migrate(
+            requests: Iterator[SourceMessage], context: grpc.ServicerContext
+        ) -> Iterator[DestinationMessage]:
+            try:
+                for request in requests:
+                    for action in receiver.receive(request):
+                        if isinstance(action, SendMessage):
+                            yield action.message  # type: ignore[misc]
+                        elif isinstance(action, DiscardVM):
+                            outcome["discarded"] = action.reason
+                    if receiver.finished:
+                        return
+                receiver.connection_lost("the source closed the stream")
+            finally:
+                done.set()
+
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=GRPC_OPTIONS)
+        server.add_generic_rpc_handlers((wire.migration_handler(migrate),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        self.conn.send({"port": port})
+        done.wait()
+        server.stop(grace=1.0)
+        if isinstance(receiver.phase, str) and receiver.phase == "resumed":
+            self.vm = vm
+        return {"phase": str(receiver.phase), "reason": receiver.reason, **outcome}
+
+    def send(self, port: int, timeout_s: float) -> dict[str, Any]:
+        """Migrate the running VM to ``port``, running guest slices between the steps."""
+        from vmcore.vm import config_hash
+
+        vm = self.vm
+        assert vm is not None
+        throttle = [0]
+        paused_at = [0.0]
+        sender = MigrationSender(
+            vm.ram.view,
+            vm.dirty_log,
+            vm.save_state,
+            token=TOKEN,
+            config_hash=config_hash(vm.config),
+            options=MigrationOptions(max_downtime_ms=DOWNTIME_MS, timeout_s=timeout_s),
+        )
+        outbox: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
+        replies: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
+        ending: list[Action] = []
+        guest_wall = [0.0]
+
+        def do(actions: list[Action]) -> None:
+            for action in actions:
+                if isinstance(action, SendMessage):
+                    outbox.put(action.message)
+                elif isinstance(action, PauseVM):
+                    vm.pause()
+                    paused_at[0] = time.monotonic()
+                elif isinstance(action, ResumeVM):
+                    vm.resume()
+                elif isinstance(action, SetThrottle):
+                    throttle[0] = action.percent
+                elif isinstance(action, Completed | Cancelled | Failed | OutcomeUnknown):
+                    ending.append(action)
+
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
+        call = wire.migrate_call(channel)(iter(outbox.get, None))
+        threading.Thread(target=_read_replies, args=(call, replies), daemon=True).start()
+        do(sender.start())
+        hold_until = 0.0
+        while not sender.finished:
+            while not sender.finished and (actions := sender.poll()):
+                do(actions)
+            now = time.monotonic()
+            wait = 0.002
+            if vm.state == "running" and now >= hold_until:
+                t0 = time.perf_counter()
+                sliced = vm.run_slice(SLICE)
+                spent = time.perf_counter() - t0
+                guest_wall[0] += spent
+                if throttle[0]:
+                    # Auto-converge: run (100 - throttle) % of the time.
+                    hold_until = time.monotonic() + spent * throttle[0] / (100 - throttle[0])
+                if sliced.reason != "idle":
+                    wait = 0.0
+            ready = sender.ready_at
+            if ready is not None:
+                wait = max(0.0, min(ready - now, wait))
+            try:
+                reply = replies.get(timeout=wait) if wait > 0 else replies.get_nowait()
+            except queue.Empty:
+                reply = False  # type: ignore[assignment]
+            while reply is not False:
+                do(sender.connection_lost() if reply is None else sender.receive(reply))
+                if reply is None or sender.finished:
+                    break
+                try:
+                    reply = replies.get_nowait()
+                except queue.Empty:
+                    reply = False  # type: ignore[assignment]
+            do(sender.tick())
+        outbox.put(None)
+        time.sleep(0.05)
+        call.cancel()
+        channel.close()
+        end = ending[0] if ending else None
+        stats = sender.stats()
+        result = {
+            "outcome": type(end).__name__,
+            "reason": getattr(end, "reason", ""),
+            "stats": stats,
+            "paused_at": paused_at[0],
+            "rounds": [
+                {"number": r.number, "bytes": r.bytes, "pages": r.pages, "s": r.duration_s}
+                for r in sender.rounds
+            ],
+        }
+        if isinstance(end, Completed):
+            self.vm = None  # the destination owns the guest now
+        return result
+
+
+def _host_main(conn: Connection) -> None:
+    VMHost(conn).serve()
+
+
+class HostProcess:
+    """The bench's handle on one VMHost process."""
+
+    def __init__(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_host_main, args=(child,), daemon=True)
+        self.process.start()
+
+    def call(self, command: str, *args: Any, timeout: float = 600.0) -> dict[str, Any]:
+        self.conn.send((command, args))
+        return self.result(timeout)
+
+    def result(self, timeout: float) -> dict[str, Any]:
+        if not self.conn.poll(timeout):
+            raise TimeoutError("the VM host process did not answer")
+        answer: dict[str, Any] = self.conn.recv()
+        return answer
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.send(("quit", ()))
+        self.process.join(5)
+        if self.process.is_alive():
+            self.process.terminate()
+
+
+@dataclass
+class Result:
+    """One migration, from either VMM, in query-migrate's terms."""
+
+    status: str
+    total_ms: float
+    downtime_ms: float
+    transferred: int
+    syncs: int
+    round0_mbs: float = 0.0
+    note: str = ""
+    guest_ok: bool = True
+
+
+def ferry_migrate(source: HostProcess, dest: HostProcess, case: Case) -> Result:
+    dest.conn.send(("receive", (case.ram_mib, case.wss, case.rate)))
+    port = dest.result(60)["port"]
+    sent = source.call("send", port, CASE_TIMEOUT_S, timeout=CASE_TIMEOUT_S + 60)
+    received = dest.result(CASE_TIMEOUT_S + 60)
+    if "error" in sent:
+        return Result("error", 0, 0, 0, 0, note=sent["error"])
+    stats = sent["stats"]
+    rounds = sent["rounds"]
+    round0 = rounds[0]["bytes"] / rounds[0]["s"] / 1e6 if rounds and rounds[0]["s"] > 0 else 0.0
+    if sent["outcome"] != "Completed":
+        return Result(
+            stats["status"],
+            stats["total-time"],
+            0,
+            stats["transferred"],
+            stats["dirty-sync-count"],
+            round0,
+            note=sent["reason"][:90],
+        )
+    # Source pause to the destination's resume: both clocks are this host's monotonic one.
+    downtime = (received["resumed_at"] - sent["paused_at"]) * 1000
+    seen = dest.call("observe", 0.5)
+    ok = seen["state"] == "running" and "CORRUPT" not in seen["console"]
+    return Result(
+        "completed",
+        stats["total-time"],
+        downtime,
+        stats["transferred"],
+        stats["dirty-sync-count"],
+        round0,
+        guest_ok=ok,
+        note="" if ok else f"guest after migration: {seen['state']} {seen['console'][-80:]!r}",
+    )
+
+
+# ================================================================================ QEMU
+
+
+class QMP:
+    """A minimal QMP client over a unix socket: commands in, answers out, events skipped."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(path)
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        self.sock.settimeout(timeout)
+        self.file = self.sock.makefile("rb")
+        self._read()  # greeting
+        self.execute("qmp_capabilities")
+
+    def _read(self) -> dict[str, Any]:
+        while True:
+            line = self.file.readline()
+            if not line:
+                raise ConnectionError("QMP connection closed")
+            message: dict[str, Any] = json.loads(line)
+            if "event" not in message:
+                return message
+
+    def execute(self, command: str, **arguments: Any) -> Any:
+        request: dict[str, Any] = {"execute": command}
+        if arguments:
+            request["arguments"] = arguments
+        self.sock.sendall(json.dumps(request).encode() + b"\n")
+        answer = self._read()
+        if "error" in answer:
+            raise RuntimeError(f"QMP {command}: {answer['error'].get('desc')}")
+        return answer.get("return")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _qemu(case: Case, workdir: str, name: str, incoming: int | None) -> subprocess.Popen[bytes]:
+    args = [
+        QEMU, "-machine", "virt", "-bios", "none", "-nographic", "-nodefaults",
+        "-serial", f"file:{workdir}/{name}.console",
+        "-kernel", str(DIRTIER), "-append", f"wss={case.wss} rate={case.rate}",
+        "-m", f"{case.ram_mib}M", "-qmp", f"unix:{workdir}/{name}.qmp,server=on,wait=off",
+    ]  # fmt: skip
+    if incoming is not None:
+        args += ["-incoming", f"tcp:127.0.0.1:{incoming}"]
+    return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+
+def _console(workdir: str, name: str) -> str:
+    try:
+        return Path(workdir, f"{name}.console").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def qemu_migrate(case: Case) -> Result:
+    workdir = tempfile.mkdtemp(prefix="ferry-bench-qemu-")
+    port = _free_port()
+    src = _qemu(case, workdir, "src", None)
+    dst = _qemu(case, workdir, "dst", port)
+    try:
+        deadline = time.monotonic() + 60
+        while "tick 0" not in _console(workdir, "src"):
+            if time.monotonic() > deadline or src.poll() is not None:
+                return Result("error", 0, 0, 0, 0, note="QEMU guest never ticked")
+            time.sleep(0.01)
+        qmp_src = QMP(f"{workdir}/src.qmp")
+        QMP(f"{workdir}/dst.qmp").close()
+        qmp_src.execute(
+            "migrate-set-parameters", **{"max-bandwidth": 1 << 40, "downtime-limit": 300}
+        )
+        qmp_src.execute("migrate", uri=f"tcp:127.0.0.1:{port}")
+        deadline = time.monotonic() + QEMU_TIMEOUT_S
+        note = ""
+        while True:
+            info = qmp_src.execute("query-migrate")
+            if info.get("status") in ("completed", "failed", "cancelled"):
+                break
+            if time.monotonic() > deadline:
+                qmp_src.execute("migrate_cancel")
+                note = f"cancelled after {QEMU_TIMEOUT_S:g} s"
+            time.sleep(0.005)
+        ram = info.get("ram", {})
+        ticks_before = _console(workdir, "dst").count("tick ")
+        time.sleep(0.5)
+        after = _console(workdir, "dst")
+        ok = info.get("status") == "completed" and after.count("tick ") > ticks_before
+        if info.get("status") == "completed" and not ok:
+            note = "destination printed no tick after resuming (QEMU 7.2 timer quirk)"
+        return Result(
+            str(info.get("status")),
+            float(info.get("total-time", 0)),
+            float(info.get("downtime", 0)),
+            int(ram.get("transferred", 0)),
+            int(ram.get("dirty-sync-count", 0)),
+            float(ram.get("mbps", 0)) / 8,
+            note=note or str(info.get("error-desc", "")),
+            guest_ok=ok,
+        )
+    finally:
+        for p in (src, dst):
+            p.kill()
+            p.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# ================================================================================ cases
+
+
+@dataclass(frozen=True)
+class Case:
+    ram_mib: int
+    wss: int
+    rate: int  # pages per ms of guest time: 0, 1 (4 MB/s), 16 (64 MB/s)
+
+    @property
+    def label(self) -> str:
+        ram = f"{self.ram_mib // 1024} GiB" if self.ram_mib >= 1024 else f"{self.ram_mib} MiB"
+        return f"{ram:>7} {self.wss:>4} MiB {self.rate * 4:>3} MB/s"
+
+
+@dataclass
+class CaseResults:
+    ferry: list[Result] = field(default_factory=list)
+    qemu: list[Result] = field(default_factory=list)
+    fill_s: float = 0.0
+
+
+def run_case(case: Case, repeats: int) -> CaseResults:
+    results = CaseResults()
+    a, b = HostProcess(), HostProcess()
+    try:
+        booted = a.call("boot", case.ram_mib, case.wss, case.rate)
+        if "error" in booted:
+            results.ferry.append(Result("error", 0, 0, 0, 0, note=booted["error"]))
+        else:
+            results.fill_s = booted["fill_s"]
+            source, dest = a, b
+            for _ in range(repeats):
+                result = ferry_migrate(source, dest, case)
+                results.ferry.append(result)
+                if result.status != "completed" or not result.guest_ok:
+                    break
+                source, dest = dest, source
+    finally:
+        a.close()
+        b.close()
+    if shutil.which(QEMU):
+        for _ in range(repeats):
+            results.qemu.append(qemu_migrate(case))
+    return results
+
+
+def median_result(results: list[Result]) -> Result | None:
+    """The run with the median total time (so its figures belong together)."""
+    if not results:
+        return None
+    done = [r for r in results if r.status == "completed"] or results
+    return sorted(done, key=lambda r: r.total_ms)[(len(done) - 1) // 2]
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:5.2f}" if b > 0 else "    -"
+
+
+def print_table(rows: list[tuple[Case, CaseResults]]) -> None:
+    header = (
+        f"{'RAM / WSS / dirty':>24} | {'VMM':5} {'n':>2} {'status':>9} {'total ms':>9} "
+        f"{'down ms':>8} {'MiB sent':>9} {'syncs':>5} {'r0 MB/s':>8} | "
+        f"{'total':>5} {'down':>5} {'sent':>5}"
+    )
+    print(header)
+    print("-" * len(header))
+    for case, res in rows:
+        ferry, qemu = median_result(res.ferry), median_result(res.qemu)
+        for name, r, n in (("Ferry", ferry, len(res.ferry)), ("QEMU", qemu, len(res.qemu))):
+            if r is None:
+                continue
+            ratios = ""
+            if name == "Ferry" and qemu is not None and r.status == qemu.status == "completed":
+                ratios = (
+                    f"{_ratio(r.total_ms, qemu.total_ms)} {_ratio(r.downtime_ms, qemu.downtime_ms)}"
+                    f" {_ratio(r.transferred, qemu.transferred)}"
+                )
+            label = case.label if name == "Ferry" else ""
+            print(
+                f"{label:>24} | {name:5} {n:>2} {r.status:>9} {r.total_ms:9.0f} "
+                f"{r.downtime_ms:8.1f} {r.transferred / MiB:9.1f} {r.syncs:5d} "
+                f"{r.round0_mbs:8.0f} | {ratios}"
+            )
+            if r.note:
+                print(f"{'':>24} |   note: {r.note}")
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    if not DIRTIER.exists():
+        print(f"no guest image at {DIRTIER}: run `make guests` first")
+        return
+    print("gRPC stream ceiling on loopback (1 MiB messages, two processes), median of "
+          f"{CEILING_RUNS}:")  # fmt: skip
+    ceiling = measure_ceiling(3 if quick else CEILING_RUNS)
+    print(f"  stream alone, ready-made bytes            {ceiling.raw / 1e6:7.0f} MB/s")
+    print(f"  protobuf messages serialised and parsed   {ceiling.proto / 1e6:7.0f} MB/s")
+    print(
+        f"  Ferry round 0, sender -> receiver ({SYNTHETIC_MIB} MiB synthetic RAM, no vCPU): "
+        f"{ceiling.ferry / 1e6:.0f} MB/s = {ceiling.ferry / ceiling.raw:.0%} of the raw stream, "
+        f"{ceiling.ferry / ceiling.proto:.0%} of protobuf's"
+    )
+    sys.stdout.flush()
+
+    if quick:
+        cases = [Case(256, 16, rate) for rate in (0, 16)]
+    else:
+        cases = [
+            Case(ram, wss, rate)
+            for ram in (256, 1024)
+            for wss in (16, 128)
+            for rate in (0, 1, 16)
+        ]
+    repeats = 1 if quick else 3
+    print(
+        f"\ndirtier migrated on this host, downtime limit {DOWNTIME_MS:g} ms, unlimited bandwidth; "
+        f"median of {repeats} by total time; ratios are Ferry/QEMU"
+    )
+    rows = []
+    t0 = time.monotonic()
+    for case in cases:
+        res = run_case(case, repeats)
+        rows.append((case, res))
+        print(
+            f"  {case.label}: Ferry fill {res.fill_s:.1f} s, "
+            f"Ferry {[round(r.total_ms) for r in res.ferry]} ms, "
+            f"QEMU {[round(r.total_ms) for r in res.qemu]} ms",
+            flush=True,
+        )
+    print()
+    print_table(rows)
+    round0 = [
+        r.round0_mbs * 1e6
+        for _, res in rows
+        for r in res.ferry
+        if r.status == "completed" and r.round0_mbs
+    ]
+    if round0:
+        r0 = statistics.median(round0)
+        print(
+            f"\nFerry round 0 with the dirtier's vCPU running (median over the cases): "
+            f"{r0 / 1e6:.0f} MB/s = {r0 / ceiling.raw:.0%} of the raw stream ceiling"
+        )
+    print(f"bench took {time.monotonic() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    main()
