@@ -127,3 +127,15 @@ def test_drain_empties_a_node_k_at_a_time_with_consoles_continuing(cl: CoordClus
         count = len(ticks)
         assert wait_for(lambda n=n, count=count: len(_ticks(b"".join(consoles[n]))) > count)  # type: ignore[misc]
     assert cl.vm("idle").node in ("nb", "nc")
+    # At most K=2 live migrations were in flight at any point of the event history.
+    in_flight: set[str] = set()
+    most = 0
+    for event in cl.events():
+        if event.operation != op.id:
+            continue
+        if event.kind == "vm-migrating":
+            in_flight.add(event.vm)
+        elif event.kind in ("vm-migrated", "vm-migration-failed"):
+            in_flight.discard(event.vm)
+        most = max(most, len(in_flight))
+    assert most == 2
