@@ -44,3 +44,11 @@ demo: venv deps
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# A minimal Linux guest (issue 9): it takes minutes to build, so it is not part
+# of `make guests`. Checks the rebuilt Image against guests/build/linux/SHA256SUMS.
+LINUX_DEB_PACKAGES := linux-source-6.1 gcc-riscv64-linux-gnu flex bison bc cpio libelf-dev gcc libc6-dev
+.PHONY: guests-linux
+guests-linux:
+	@bash deploy/install-deps.sh $(LINUX_DEB_PACKAGES)
+	bash guests/linux/build.sh
