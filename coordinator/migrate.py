@@ -21,13 +21,13 @@ from protos.ferry.v1 import coordinator_pb2, node_pb2, types_pb2
 
 log = logging.getLogger("ferry-coordinator")
 
-# UNKNOWN (the stream broke after the final message) is newer than some agents' protos.
-MIGRATION_UNKNOWN: int | None = getattr(types_pb2, "MIGRATION_STATE_UNKNOWN", None)
 _TERMINAL = {
     types_pb2.MIGRATION_STATE_COMPLETED,
     types_pb2.MIGRATION_STATE_FAILED,
     types_pb2.MIGRATION_STATE_CANCELLED,
-} | ({MIGRATION_UNKNOWN} if MIGRATION_UNKNOWN is not None else set())
+    # The stream broke after the final message: only the destination knows the outcome.
+    types_pb2.MIGRATION_STATE_UNKNOWN,
+}
 DEFAULT_PARALLEL = 2
 
 
@@ -121,7 +121,7 @@ class Mover:
                 ),
             )
             final = await self._follow(op, item, source, name)
-            if MIGRATION_UNKNOWN is not None and final.status == MIGRATION_UNKNOWN:
+            if final.status == types_pb2.MIGRATION_STATE_UNKNOWN:
                 final = await self._settle_unknown(final, name, source, dest)
             if final.status != types_pb2.MIGRATION_STATE_COMPLETED:
                 state = types_pb2.MigrationState.Name(final.status).removeprefix("MIGRATION_STATE_")
