@@ -29,6 +29,8 @@ _TERMINAL = {
     types_pb2.MIGRATION_STATE_UNKNOWN,
 }
 DEFAULT_PARALLEL = 2
+# How long to wait for a destination to settle an UNKNOWN outcome (its incoming timeout).
+SETTLE_TIMEOUT = 90.0
 
 
 class Mover:
@@ -193,11 +195,28 @@ class Mover:
         c = self.cluster
         settled = types_pb2.MigrationStatus()
         settled.CopyFrom(final)
-        try:
-            info = await c.call(dest, "GetVM", node_pb2.VMRef(name=name), timeout=30)
-            running = info.state == types_pb2.VM_STATE_RUNNING
-        except CoordinatorError:
-            running = False
+        running = False
+        # An incoming VM that still waits may yet resume (the final message in flight) or
+        # give up (its incoming timeout): only a settled answer is safe to act on.
+        for _ in range(int(SETTLE_TIMEOUT / 0.1)):
+            try:
+                info = await c.call(dest, "GetVM", node_pb2.VMRef(name=name), timeout=30)
+            except CoordinatorError:
+                break
+            if info.state != types_pb2.VM_STATE_INCOMING:
+                running = info.state == types_pb2.VM_STATE_RUNNING
+                break
+            await trio.sleep(0.1)
+        else:
+            # Still waiting: removing the incoming copy makes sure it never resumes there.
+            try:
+                await c.call(dest, "DestroyVM", node_pb2.VMRef(name=name), timeout=30)
+            except CoordinatorError as e:
+                raise CoordinatorError(
+                    grpc.StatusCode.ABORTED,
+                    f"migration of {name}: outcome unknown and {dest} did not settle "
+                    f"({e.message}); the VM stays paused on {source}",
+                ) from None
         if running:
             settled.status = types_pb2.MIGRATION_STATE_COMPLETED
             return settled
