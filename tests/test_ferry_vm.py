@@ -10,7 +10,20 @@ import sys
 from pathlib import Path
 
 import pytest
-from elfgen import EM_X86_64, echo_guest, finisher_guest, make_elf, spin_guest
+from elfgen import (
+    EM_X86_64,
+    T0,
+    T1,
+    addi,
+    echo_guest,
+    finisher_guest,
+    jal,
+    lui,
+    make_elf,
+    program,
+    sb,
+    spin_guest,
+)
 
 from vmcore.cli import main
 from vmcore.sizes import format_size, parse_size
@@ -305,3 +318,23 @@ def test_sigterm_with_save_on_exit_stops_cleanly_with_a_snapshot(tmp_path: Path)
     restored = ferry_vm("restore", str(snap), "--timeout", "0.5")
     assert restored.returncode == 124
     assert restored.stdout.startswith(b"tick ")
+
+
+def test_sigint_stops_an_idle_guest_promptly_with_a_snapshot(tmp_path: Path) -> None:
+    # Print "x" (so the test knows the run loop is up), then wfi forever with no timer armed.
+    code = program(lui(T0, 0x10000), addi(T1, 0, ord("x")), sb(T1, T0, 0), 0x10500073, jal(0, -4))
+    guest = image(tmp_path, "wfi.elf", make_elf([(0x8000_0000, code, len(code))]))
+    snap = tmp_path / "idle.snap"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmcore.cli", "run", "--kernel", guest, "--save-on-exit", str(snap)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.read(1) == b"x"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, err.decode()
+    assert snap.exists()

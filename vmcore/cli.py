@@ -33,6 +33,7 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_EMULATOR_FAILURE = 70  # EX_SOFTWARE from sysexits.h
 SLICE = 200_000
+MAX_IDLE_WAIT = 0.25
 """Instructions between console polls: ~10-50 ms of guest work, so typing feels live."""
 
 
@@ -295,7 +296,11 @@ def _drive(
         wait = 0.0
         if result.reason == "idle":
             # Sleep until the guest's timer fires or input arrives, whichever is first.
-            wait = 3600.0 if result.idle_seconds is None else max(0.001, result.idle_seconds)
+            # Capped, because a signal does not cut select() short (PEP 475 retries it) and
+            # a stop or snapshot request must not wait for a far-off timer.
+            wait = MAX_IDLE_WAIT
+            if result.idle_seconds is not None:
+                wait = min(wait, max(0.001, result.idle_seconds))
             if deadline is not None:
                 wait = min(wait, deadline - now)
         data = console.poll(max(0.0, wait))
