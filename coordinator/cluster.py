@@ -102,6 +102,9 @@ class Cluster:
         self.reported_used: dict[str, types_pb2.Resources] = {}
         # VM name -> destination node, while a migration or move is in flight.
         self.moving: dict[str, str] = {}
+        # VM name -> the generation at which it last booted afresh (not carried over by a
+        # live migration): console readers start over when it changes.
+        self.boots: dict[str, int] = {}
         self._cleaning: set[tuple[str, str]] = set()
         self._stubs: dict[str, node_pb2_grpc.NodeAgentStub] = {}
         self._channels: dict[str, grpc.Channel] = {}
@@ -338,6 +341,7 @@ class Cluster:
         with self.store.transaction():
             vm.node = dest
             vm.generation += 1
+            self.boots[name] = vm.generation
             vm.failure = ""
             self._observe(vm, info, quiet=True)
             self.store.put_vm(vm)

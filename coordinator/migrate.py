@@ -383,6 +383,7 @@ class Mover:
         with c.store.transaction():
             vm.node = dest
             vm.generation += 1
+            c.boots[name] = vm.generation  # rebuilt from its spec: a new console
             vm.operation = ""
             c.moving.pop(name, None)
             c._observe(vm, info, quiet=True)

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -38,6 +39,20 @@ T = TypeVar("T")
 # How long a console follower waits for a VM that left its node to appear on another.
 CONSOLE_MOVE_WAIT = 120.0
 _ENDED = {types_pb2.VM_STATE_STOPPED, types_pb2.VM_STATE_FAILED}
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a VM's console is served from right now."""
+
+    node: str
+    address: str
+    ready: bool
+    # A migration or move is in flight.
+    moving: bool
+    # The generation at which the VM last booted afresh (a restart elsewhere starts a new
+    # console); 0 when unknown.
+    boot: int
 
 
 class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
@@ -231,11 +246,16 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
     # -- console ----------------------------------------------------------------------------
 
-    def _locate(self, name: str) -> tuple[str, str, bool, bool]:
-        """(owner node, its address, whether that node is ready, whether the VM is moving)."""
+    def _locate(self, name: str) -> Location:
         vm = self._cluster.vm(name)
         node = self._cluster.nodes[vm.node]
-        return vm.node, node.address, node.state == READY, name in self._cluster.moving
+        return Location(
+            node=vm.node,
+            address=node.address,
+            ready=node.state == READY,
+            moving=name in self._cluster.moving,
+            boot=self._cluster.boots.get(name, 0),
+        )
 
     def Console(
         self, request_iterator: Iterator[node_pb2.ConsoleRequest], context: grpc.ServicerContext
@@ -244,8 +264,9 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         if first is None or first.WhichOneof("kind") != "open":
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the first request must open")
         name, offset, follow = first.open.name, first.open.offset, first.open.follow
-        node, address, ready, _ = self._sync(context, self._locate, name)
-        if not ready:
+        where = self._sync(context, self._locate, name)
+        node, address, boot = where.node, where.address, where.boot
+        if not where.ready:
             self._abort(
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -303,16 +324,22 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             )
             if moved is None:
                 return
-            new_node, address = moved
-            if new_node != node:
+            address = moved.address
+            if moved.boot != boot:
+                # Booted afresh elsewhere (its node went down): a new console from byte 0.
+                next_offset, boot = 0, moved.boot
                 yield coordinator_pb2.ConsoleChunk(
-                    node=new_node, notice=f"VM {name} moved from {node} to {new_node}"
+                    node=moved.node, notice=f"VM {name} restarted on {moved.node}"
                 )
-            node = new_node
+            elif moved.node != node:
+                yield coordinator_pb2.ConsoleChunk(
+                    node=moved.node, notice=f"VM {name} moved from {node} to {moved.node}"
+                )
+            node = moved.node
 
     def _await_move(
         self, context: grpc.ServicerContext, name: str, node: str, migrated: bool
-    ) -> tuple[str, str] | None:
+    ) -> Location | None:
         """Wait until the VM has a reachable owner again; None when it is gone.
 
         A stream that ended with the VM migrated waits for the coordinator to record the new
@@ -322,15 +349,13 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         waited = 0.0
         while context.is_active() and waited < CONSOLE_MOVE_WAIT:
             try:
-                owner, address, ready, moving = trio.from_thread.run_sync(
-                    self._locate, name, trio_token=self._token
-                )
+                where = trio.from_thread.run_sync(self._locate, name, trio_token=self._token)
             except (CoordinatorError, trio.RunFinishedError):
                 return None
-            if owner != node and ready:
-                return owner, address
-            if ready and not migrated and not moving and waited >= 0.2:
-                return owner, address
+            if where.node != node and where.ready:
+                return where
+            if where.ready and not migrated and not where.moving and waited >= 0.2:
+                return where
             self._wait(0.2)
             waited += 0.2
         return None

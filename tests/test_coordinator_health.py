@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import threading
 from collections.abc import Iterator
 
+import grpc
 import pytest
 from coordcluster import CoordCluster, wait_for
 
@@ -31,12 +34,22 @@ def test_killed_node_goes_down_its_vm_restarts_elsewhere_and_the_stale_copy_is_s
     vm = cl.create("svc", node="na")
     assert vm.generation == 1
     worker = a.worker_pids()["svc"]
+    chunks: list[bytes] = []
+
+    def follow() -> None:
+        with contextlib.suppress(grpc.RpcError):
+            chunks.extend(cl.console("svc", follow=True))
+
+    threading.Thread(target=follow, daemon=True).start()
+    wait_for(lambda: b"tick 1" in b"".join(chunks))
     a.signal(signal.SIGKILL)  # the agent dies; its worker keeps the guest running
     cl.wait_node("na", DOWN)
     events = wait_for(lambda: [e for e in cl.events() if e.kind == "vm-unknown"])
     assert events[0].vm == "svc" and "na is down" in events[0].message
     moved = cl.wait_vm("svc", lambda v: v.node == "nb" and v.state == types_pb2.VM_STATE_RUNNING)
     assert moved.generation == 2
+    # The console follower went on to the restarted VM, whose console starts over.
+    assert wait_for(lambda: b"".join(chunks).count(b"tick 0 ") == 2)
     # The old copy still runs on na: when na comes back, the generation decides.
     assert a.worker_pids() == {"svc": worker}
     a.start()
@@ -49,7 +62,8 @@ def test_killed_node_goes_down_its_vm_restarts_elsewhere_and_the_stale_copy_is_s
     )
     assert gone
     assert wait_for(lambda: a.worker_pids() == {})
-    stale = [e for e in cl.events() if e.kind == "vm-stale-stopped"]
+    # The event follows the node's answer to DestroyVM.
+    stale = wait_for(lambda: [e for e in cl.events() if e.kind == "vm-stale-stopped"])
     assert stale and stale[0].node == "na" and "generation 2" in stale[0].message
     assert cl.vm("svc").node == "nb"
 
