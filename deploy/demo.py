@@ -239,21 +239,27 @@ def main() -> int:
         status = 1
     except KeyboardInterrupt:
         status = 130
+    except BaseException:
+        status = 1
+        raise
     finally:
-        say("Shut the cluster down (ferry cluster down)")
+        # Stop everything before printing anything: the output may be a closed pipe.
         stopped = localcluster.down(root)
-        print("stopped: " + ", ".join(stopped))
-        leftover = localcluster.status(root)
-        running = [n for n, p in leftover["processes"].items() if p["running"]]
-        if running or leftover["workers"]:
-            print(f"demo: still running: {running}, {leftover['workers']} workers", file=sys.stderr)
+        running = localcluster.leftovers(root)
+        clean = not running
+        if not clean:
             status = status or 1
-        else:
-            print("nothing left running")
         if status == 0 or os.environ.get("FERRY_DEMO_KEEP") != "1":
             shutil.rmtree(root, ignore_errors=True)
-        else:
-            print(f"logs kept in {root}")
+        with contextlib.suppress(OSError):
+            say("Shut the cluster down (ferry cluster down)")
+            print("stopped: " + ", ".join(stopped))
+            if clean:
+                print("nothing left running")
+            else:
+                print(f"demo: processes still running: {running}")
+            if root.exists():
+                print(f"logs kept in {root}")
     return status
 
 

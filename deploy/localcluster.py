@@ -276,6 +276,25 @@ def down(root: Path) -> list[str]:
     return stopped
 
 
+def leftovers(root: Path) -> list[int]:
+    """Pids of any process still running with the cluster's directory on its command line."""
+    marker = str(root.resolve())
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            line = _cmdline(int(proc.name))
+            if marker in line and not _zombie(int(proc.name)):
+                found.append(int(proc.name))
+    return found
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def status(root: Path) -> dict[str, Any]:
     layout = Layout(root.resolve())
     processes = {
