@@ -21,6 +21,8 @@ The modules, one concept each:
   (throttle, then a larger downtime budget, then cancel), switchover, statistics.
 * :mod:`.receiver` — Hello checks before any RAM moves, validated page application,
   digest and device-state verification, resume.
+* :mod:`.residency` — which pages of anonymous guest RAM were never backed, so round 0
+  need not fault them in to find zeros (a hint the driver passes to the sender).
 * :mod:`.actions` — what the state machines ask of their driver.
 * :mod:`.wire` — the one-to-one mapping onto the protobuf messages (import it explicitly:
   the core itself does not depend on protobuf).

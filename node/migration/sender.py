@@ -229,7 +229,11 @@ class MigrationSender:
         clock: Callable[[], float] = time.monotonic,
         page_size: int = PAGE_SIZE,
         compression_timer: Callable[[], float] = time.perf_counter,
+        never_backed: Callable[[int, int], np.ndarray | None] | None = None,
     ) -> None:
+        """``never_backed(first, last)``, if given, says which pages of that range the host
+        never backed with memory, so they are zero without being read (see
+        :mod:`node.migration.residency`; only the driver knows whether that holds)."""
         self.options = options or MigrationOptions()
         self.options.check()
         if len(ram) == 0 or len(ram) % page_size:
@@ -240,6 +244,7 @@ class MigrationSender:
         self._pages = np.frombuffer(ram, dtype=np.uint8).reshape(self._page_count, page_size)
         self._words = self._pages.view(np.uint64)
         self._dirty_log = dirty_log
+        self._never_backed = never_backed
         self._save_device_state = save_device_state
         self._hello = Hello(
             protocol_version=PROTOCOL_VERSION,
@@ -561,7 +566,13 @@ class MigrationSender:
             # Round 0: find the next non-zero pages; zero pages match the zeroed destination.
             first = self._scan_pos
             last = min(first + _SCAN_CHUNK, self._page_count)
-            nonzero = np.flatnonzero(self._words[first:last].any(axis=1)) + first
+            skip = self._never_backed(first, last) if self._never_backed else None
+            if skip is None or not skip.any():
+                nonzero = np.flatnonzero(self._words[first:last].any(axis=1)) + first
+            else:
+                # Reading a never-backed page would fault it in just to find zeros.
+                backed = np.flatnonzero(~skip) + first
+                nonzero = backed[self._words[backed].any(axis=1)]
             self._duplicate += (last - first) - len(nonzero)
             self._round_zero += (last - first) - len(nonzero)
             self._scan_pos = last

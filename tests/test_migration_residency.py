@@ -1,0 +1,99 @@
+"""Round 0 skips RAM the host never backed, without missing a page and without touching it."""
+
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+import pytest
+
+from node.migration import (
+    Completed,
+    MigrationOptions,
+    MigrationReceiver,
+    MigrationSender,
+    SendMessage,
+)
+from node.migration.residency import AnonymousRAM
+
+PAGE = 4096
+PAGES = 2048
+
+
+class NoDirt:
+    def enable(self) -> None: ...
+
+    def disable(self) -> None: ...
+
+    def fetch_and_reset(self) -> np.ndarray:
+        return np.zeros(0, dtype=np.int64)
+
+
+def anonymous_ram() -> tuple[mmap.mmap, np.ndarray]:
+    ram = mmap.mmap(-1, PAGES * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return ram, np.frombuffer(ram, dtype=np.uint8).reshape(PAGES, PAGE)
+
+
+def residency_or_skip(ram: mmap.mmap) -> AnonymousRAM:
+    residency = AnonymousRAM(memoryview(ram))
+    if residency.never_backed(0, 1) is None:
+        pytest.skip("this host does not expose /proc/self/pagemap")
+    return residency
+
+
+def test_only_pages_never_written_are_reported_never_backed() -> None:
+    ram, pages = anonymous_ram()
+    residency = residency_or_skip(ram)
+    pages[[3, 10, 11, 12]] = 7
+    pages[20] = 1
+    pages[20] = 0  # written, then zero again: backed, and zero
+    never = residency.never_backed(0, PAGES)
+    assert never is not None
+    assert not never[[3, 10, 11, 12, 20]].any()
+    # Untouched pages are reported (allow for the kernel backing a neighbour early).
+    assert never.sum() >= PAGES - 64
+    assert residency.never_backed(5, 13) is not None
+    assert residency.never_backed(5, 13).tolist() == never[5:13].tolist()  # type: ignore[union-attr]
+
+
+def test_round_0_with_the_hint_sends_every_page_and_touches_no_untouched_one() -> None:
+    ram, pages = anonymous_ram()
+    residency = residency_or_skip(ram)
+    rng = np.random.default_rng(3)
+    written = np.unique(rng.integers(0, PAGES, size=300))
+    pages[written] = rng.integers(1, 256, size=(len(written), PAGE), dtype=np.uint8)
+    before = residency.never_backed(0, PAGES)
+    sender = MigrationSender(
+        memoryview(ram),
+        NoDirt(),
+        dict,
+        token=b"t",
+        config_hash="c",
+        options=MigrationOptions(compression="none"),
+        never_backed=residency.never_backed,
+    )
+    dest = bytearray(PAGES * PAGE)
+    receiver = MigrationReceiver(
+        memoryview(dest), token=b"t", config_hash="c", restore=lambda state: None
+    )
+    inbox = [a.message for a in sender.start() if isinstance(a, SendMessage)]
+    ending = []
+    while not sender.finished:
+        replies = []
+        for message in inbox:
+            replies += [a.message for a in receiver.receive(message) if isinstance(a, SendMessage)]
+        inbox = []
+        for reply in replies:
+            for action in sender.receive(reply):
+                if isinstance(action, SendMessage):
+                    inbox.append(action.message)
+                else:
+                    ending.append(action)
+        while actions := sender.poll():
+            inbox += [a.message for a in actions if isinstance(a, SendMessage)]
+    assert isinstance(ending[-1], Completed)
+    # The scan read no page the guest never wrote: RAM stays as sparse as it was.
+    after = residency.never_backed(0, PAGES)
+    assert before is not None and after is not None
+    assert after.sum() == before.sum() and before.sum() > PAGES // 2
+    assert bytes(dest) == bytes(ram)
