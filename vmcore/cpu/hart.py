@@ -115,7 +115,7 @@ class Hart:
         self.translator: Translator = translate_block
         # Blocks run this many times are recompiled into one Python function each
         # (vmcore.cpu.compile); 0 keeps every block on the reference closures.
-        self.hot_threshold = 16
+        self.hot_threshold = 64
         self._exit = False
         # Set whenever the run loop must leave straight-line execution to look around:
         # interrupt lines, CSR writes, mode changes, invalidations, exit requests.
