@@ -97,3 +97,44 @@ def test_round_0_with_the_hint_sends_every_page_and_touches_no_untouched_one() -
     assert before is not None and after is not None
     assert after.sum() == before.sum() and before.sum() > PAGES // 2
     assert bytes(dest) == bytes(ram)
+
+
+def test_backing_a_run_of_pages_keeps_them_zero_and_backs_only_them() -> None:
+    ram, pages = anonymous_ram()
+    residency = residency_or_skip(ram)
+    residency.back(np.arange(100, 140))
+    residency.back(np.array([500, 501, 700]))
+    never = residency.never_backed(0, PAGES)
+    assert never is not None
+    assert not never[100:140].any() and not never[[500, 501, 700]].any()
+    assert never[:100].all() and never[140:500].all()
+    assert not pages[100:140].any()
+
+
+def test_a_receiver_that_backs_pages_first_applies_them_exactly() -> None:
+    ram, _ = anonymous_ram()
+    residency = residency_or_skip(ram)
+    source = bytearray(PAGES * PAGE)
+    grid = np.frombuffer(source, dtype=np.uint8).reshape(PAGES, PAGE)
+    grid[300:900] = np.random.default_rng(4).integers(0, 256, size=(600, PAGE), dtype=np.uint8)
+    grid[1500] = 9
+    sender = MigrationSender(memoryview(source), NoDirt(), dict, token=b"t", config_hash="c")
+    receiver = MigrationReceiver(
+        memoryview(ram),
+        token=b"t",
+        config_hash="c",
+        restore=lambda state: None,
+        before_write=residency.back,
+    )
+    inbox = [a.message for a in sender.start() if isinstance(a, SendMessage)]
+    while not sender.finished:
+        replies = []
+        for message in inbox:
+            replies += [a.message for a in receiver.receive(message) if isinstance(a, SendMessage)]
+        inbox = []
+        for reply in replies:
+            inbox += [a.message for a in sender.receive(reply) if isinstance(a, SendMessage)]
+        while actions := sender.poll():
+            inbox += [a.message for a in actions if isinstance(a, SendMessage)]
+    assert sender.phase == "completed"
+    assert bytes(ram) == bytes(source)

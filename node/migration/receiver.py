@@ -90,7 +90,10 @@ class MigrationReceiver:
         idle_timeout_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         page_size: int = PAGE_SIZE,
+        before_write: Callable[[np.ndarray], None] | None = None,
     ) -> None:
+        """``before_write(pages)``, if given, is called with a validated batch's data pages
+        just before they are written (e.g. :meth:`node.migration.residency.AnonymousRAM.back`)."""
         if len(ram) == 0 or len(ram) % page_size:
             raise ValueError(f"RAM of {len(ram)} bytes is not a whole number of pages")
         if window < 1:
@@ -105,6 +108,7 @@ class MigrationReceiver:
         self._token = bytes(token)
         self._config_hash = config_hash
         self._restore = restore
+        self._before_write = before_write
         self._window = window
         self._idle_timeout_s = idle_timeout_s
         self._clock = clock
@@ -223,6 +227,8 @@ class MigrationReceiver:
             decoded = decode_batch(batch, self._page_count, self._page_size)
         except BatchError as exc:
             raise _Invalid(f"batch {batch.seq}: {exc}") from None
+        if self._before_write is not None:
+            self._before_write(decoded.pages)
         self._pages[decoded.pages] = decoded.data
         self._pages[decoded.zero_pages] = 0
         self.digest.update(decoded.pages, decoded.data)

@@ -8,23 +8,47 @@ mapping are present in memory or swapped out (``/proc/self/pagemap``, 8 bytes pe
 in a *private anonymous* mapping a page that is neither has never been written since it was
 mapped or discarded, and reads as zero. So the scan reads only the others.
 
-This holds only for private anonymous memory (``vmcore``'s ``GuestRAM``); in a shared or
-file-backed mapping a page that is not present in this process may still hold data. Hence
-it is the driver, which knows how its RAM was allocated, that hands
+The destination has the opposite problem: every page of round 0 lands in RAM the kernel has
+not backed yet, and writing it faults once per 4 KiB page. :meth:`AnonymousRAM.back` asks
+for a whole run of pages at once (``MADV_POPULATE_WRITE``, Linux 5.14+), which costs about
+half as much per page as faulting them one at a time.
+
+The residency answer holds only for private anonymous memory (``vmcore``'s ``GuestRAM``);
+in a shared or file-backed mapping a page that is not present in this process may still
+hold data. Hence it is the driver, which knows how its RAM was allocated, that hands
 :meth:`AnonymousRAM.never_backed` to the sender. Anywhere pagemap cannot be read (not Linux,
 a restricted /proc, a host page size other than the guest's), the sender scans every page.
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
+import sys
 
 import numpy as np
 
 _PRESENT = np.uint64(1 << 63)
 _SWAPPED = np.uint64(1 << 62)
 _ENTRY = 8
+_MADV_POPULATE_WRITE = 23
+# More runs than this in one batch and faulting page by page is as cheap as the calls.
+_MAX_RUNS = 16
+
+
+def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        # ctypes releases the interpreter lock for the call: other threads run meanwhile.
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise
 
 
 class AnonymousRAM:
@@ -33,11 +57,16 @@ class AnonymousRAM:
     def __init__(self, ram: memoryview, page_size: int = 4096) -> None:
         self._first_entry = 0
         self._fd: int | None = None
+        self._address = 0
+        self._page_size = page_size
+        self._madvise = None
         if page_size != mmap.PAGESIZE or not len(ram):
             return
         address = np.frombuffer(ram, dtype=np.uint8).ctypes.data
         if address % page_size:
             return
+        self._address = address
+        self._madvise = _madvise()
         try:
             self._fd = os.open("/proc/self/pagemap", os.O_RDONLY)
         except OSError:
@@ -67,3 +96,20 @@ class AnonymousRAM:
         entries = np.frombuffer(raw, dtype=np.uint64)
         backed: np.ndarray = (entries & (_PRESENT | _SWAPPED)) != 0
         return ~backed
+
+    def back(self, pages: np.ndarray) -> None:
+        """Have the kernel back ``pages`` (about to be written) in a few calls, not one
+        fault per page. Does nothing where that is not supported; never fails."""
+        madvise = self._madvise
+        if madvise is None or not len(pages):
+            return
+        pages = np.asarray(pages, dtype=np.int64)
+        breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+        if len(breaks) >= _MAX_RUNS:
+            return
+        size = self._page_size
+        for run in np.split(pages, breaks):
+            if madvise(self._address + int(run[0]) * size, len(run) * size, _MADV_POPULATE_WRITE):
+                # EINVAL before Linux 5.14: fall back to faulting, for good.
+                self._madvise = None
+                return
