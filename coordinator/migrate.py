@@ -29,8 +29,10 @@ _TERMINAL = {
     types_pb2.MIGRATION_STATE_UNKNOWN,
 }
 DEFAULT_PARALLEL = 2
-# How long to wait for a destination to settle an UNKNOWN outcome (its incoming timeout).
-SETTLE_TIMEOUT = 90.0
+# How long a destination may keep an UNKNOWN outcome open (still INCOMING) before the
+# coordinator removes its copy: the final message was sent before the stream broke, so a
+# destination that was going to resume has done so long before this.
+SETTLE_TIMEOUT = 5.0
 
 
 class Mover:
@@ -196,8 +198,8 @@ class Mover:
         settled = types_pb2.MigrationStatus()
         settled.CopyFrom(final)
         running = False
-        # An incoming VM that still waits may yet resume (the final message in flight) or
-        # give up (its incoming timeout): only a settled answer is safe to act on.
+        # An incoming VM that still waits may yet resume (the final message in flight):
+        # give it a moment, then make sure it never does by removing it.
         for _ in range(int(SETTLE_TIMEOUT / 0.1)):
             try:
                 info = await c.call(dest, "GetVM", node_pb2.VMRef(name=name), timeout=30)
