@@ -90,6 +90,11 @@ SILENCE_S = 10.0
 """A destination that answers nothing this long while messages are outstanding is lost. An
 acknowledgement takes milliseconds on a working link; this only catches a stalled peer."""
 
+WINDOW = 16
+"""Batches (~1 MiB each) the source may have in flight. Each acknowledgement waits for the
+source's loop to finish its current guest slice, so a deeper window keeps the stream busy
+while the vCPU runs."""
+
 MAX_MESSAGE = 80 << 20
 """gRPC's 4 MiB default is too small for a device state with its console history; the
 receiver caps what it accepts itself (device state 64 MiB)."""
@@ -147,7 +152,7 @@ class OutgoingMigration:
             vm_name=worker.name,
             options=options,
         )
-        self._outbox: queue.SimpleQueue[migration_pb2.SourceMessage | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
         self._inbox_in, self._inbox = trio.open_memory_channel[Message | _Lost](math.inf)
         self._call: Any = None
         self._rounds_seen: set[int] = set()
@@ -188,24 +193,32 @@ class OutgoingMigration:
     # -- the stream ----------------------------------------------------------------------
 
     def _requests(self) -> Iterator[migration_pb2.SourceMessage]:
-        # Runs in grpcio's request thread: the blocking get never holds up the trio loop.
+        # Runs in grpcio's request thread: the blocking get never holds up the trio loop,
+        # and building the protobuf (a copy of each ~1 MiB payload) happens here, off the
+        # vCPU's loop. A batch's payload is the sender's own copy of the pages, never a
+        # view of guest RAM, so it cannot change while it waits in the queue.
         while (message := self._outbox.get()) is not None:
-            yield message
+            yield source_to_pb(message)  # type: ignore[arg-type]
+
+    def _post(self, message: Message | _Lost) -> None:
+        with contextlib.suppress(trio.ClosedResourceError):
+            self._inbox_in.send_nowait(message)
 
     def _read(self, call: Any, token: trio.lowlevel.TrioToken) -> None:
+        # run_sync_soon, not from_thread.run_sync: the reader must not wait for the loop to
+        # finish a guest slice before it reads the next answer off the wire.
         detail = "the destination closed the stream"
         try:
             for reply in call:
-                message = destination_from_pb(reply)
-                trio.from_thread.run_sync(self._inbox_in.send_nowait, message, trio_token=token)
+                token.run_sync_soon(self._post, destination_from_pb(reply))
         except grpc.RpcError as e:
             detail = f"{e.code().name}: {e.details()}"
         except WireError as e:
             detail = str(e)
-        except (trio.RunFinishedError, trio.ClosedResourceError):
+        except trio.RunFinishedError:
             return
-        with contextlib.suppress(trio.RunFinishedError, trio.ClosedResourceError):
-            trio.from_thread.run_sync(self._inbox_in.send_nowait, _Lost(detail), trio_token=token)
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(self._post, _Lost(detail))
 
     async def run(self) -> None:
         """Drive the migration to its end; the VM runs its slices in between."""
@@ -310,7 +323,7 @@ class OutgoingMigration:
         if not self._outstanding:
             self._outstanding = True
             self._waiting_since = time.monotonic()
-        self._outbox.put(source_to_pb(message))  # type: ignore[arg-type]
+        self._outbox.put(message)
 
     def _fault_at(self, point: str) -> None:
         """A test fault (FERRY_FAULT) just before this point's message leaves. A dropped
@@ -345,6 +358,7 @@ class IncomingMigration(migration_pb2_grpc.MigrationServicer):
             token=token,
             config_hash=config_hash(worker.vm.config),
             restore=self._restore,
+            window=WINDOW,
             idle_timeout_s=timeout_s,
         )
 

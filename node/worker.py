@@ -559,6 +559,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    # The vCPU holds the GIL for whole slices; every hand-off to a migration or console
+    # thread would otherwise wait out the default 5 ms switch interval (measured: round-0
+    # throughput up to ~2-3x with 0.5 ms; guest speed is unaffected while no thread waits).
+    sys.setswitchinterval(0.0005)
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s ferry-worker[{args.name}] %(levelname)s %(message)s",
