@@ -212,6 +212,48 @@ def test_sfence_vma_picks_up_a_changed_mapping() -> None:
 
 
 @needs_as
+def test_remapped_code_page_is_decoded_afresh() -> None:
+    # Decoded blocks are cached by virtual pc: running the same virtual address after
+    # the page behind it changed (and sfence.vma) must run the new page's code.
+    m = run(f"""
+    li s4, {VA + 0x5000}
+    la t0, code_a
+    la t1, page5
+    li t2, 0x1000
+    1: lw t3, 0(t0)           # copy code_a into page5
+    sw t3, 0(t1)
+    addi t0, t0, 4
+    addi t1, t1, 4
+    addi t2, t2, -4
+    bnez t2, 1b
+    fence.i
+    jalr s4
+    mv s2, a0
+    la t1, pt_l0
+    la t2, page6
+    srli t2, t2, 12
+    slli t2, t2, 10
+    ori t2, t2, {V | R | W | X | A | D}
+    sd t2, 40(t1)             # VA + 0x5000 now maps page6
+    sfence.vma
+    jalr s4
+    mv s3, a0
+    li a0, 1
+    EXIT a0
+    .align 12
+    code_a:
+    li a0, 0xa
+    ret
+    .align 12
+    page6:
+    li a0, 0xb
+    ret
+    .align 12
+    """)
+    assert (m.reg("a0"), m.reg("s2"), m.reg("s3")) == (1, 0xA, 0xB)
+
+
+@needs_as
 @pytest.mark.parametrize(("body", "cause"), [
     ("li t0, 0x200\nld t1, 0(t0)", 5),
     ("li t0, 0x200\nsd t1, 0(t0)", 7),
