@@ -465,6 +465,10 @@ class Cluster:
                 log.info("VM %s on %s stopped: its desired state is stopped", name, node)
         except CoordinatorError as e:
             log.warning("cleaning up VM %s on %s: %s", name, node, e.message)
+        except Exception:
+            # A bug here must not take the coordinator's nursery down; the next heartbeat
+            # tries again.
+            log.exception("cleaning up VM %s on %s", name, node)
         finally:
             self._cleaning.discard((node, name))
 

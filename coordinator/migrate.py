@@ -133,7 +133,8 @@ class Mover:
                     grpc.StatusCode.ABORTED,
                     f"migration of {name} {state.lower()}: {final.error or 'no reason given'}",
                 )
-        except CoordinatorError as e:
+        except Exception as caught:
+            e = _as_error(caught, name)
             c.moving.pop(name, None)
             vm.operation = ""
             item.state = FAILED
@@ -152,7 +153,7 @@ class Mover:
             except CoordinatorError as cleanup:
                 if cleanup.code != grpc.StatusCode.NOT_FOUND:
                     log.warning("cleaning up %s on %s: %s", name, dest, cleanup.message)
-            raise
+            raise e from None
         with c.store.transaction():
             vm.node = dest
             vm.generation += 1
@@ -375,13 +376,14 @@ class Mover:
             info = await c.call(
                 dest, "CreateVM", node_pb2.CreateVMRequest(spec=vm.spec, start=False)
             )
-        except CoordinatorError as e:
+        except Exception as caught:
+            e = _as_error(caught, name)
             c.moving.pop(name, None)
             vm.operation = ""
             item.state = FAILED
             item.message = e.message
             c.ops.save(op)
-            raise
+            raise e from None
         with c.store.transaction():
             vm.node = dest
             vm.generation += 1
@@ -405,3 +407,17 @@ class Mover:
             await c.call(source, "DestroyVM", node_pb2.VMRef(name=name), timeout=30)
         except CoordinatorError as e:
             log.warning("removing the moved VM %s from %s: %s", name, source, e.message)
+
+
+def _as_error(error: Exception, vm: str) -> CoordinatorError:
+    """A failure of a background move as the one line its operation reports.
+
+    Anything but a CoordinatorError is a bug: it is logged with its traceback and fails this
+    VM's move only, never the coordinator (whose nursery would otherwise go down with it).
+    """
+    if isinstance(error, CoordinatorError):
+        return error
+    log.exception("moving VM %s", vm)
+    return CoordinatorError(
+        grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+    )
