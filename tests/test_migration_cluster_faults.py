@@ -9,6 +9,7 @@ no copy runs and the VM is reported failed.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -20,6 +21,7 @@ from cluster import (
     start_dirtier,
     state,
     ticks,
+    wait_migration,
     wait_ticks,
 )
 
@@ -52,6 +54,10 @@ def pair(cluster: Cluster, fault: str) -> tuple[NodeProcess, NodeProcess]:
 def assert_discarded(node: NodeProcess, name: str = "vm") -> None:
     """The destination's incoming copy is gone: failed (or never there), no capacity held."""
     info = node.wait_state(name, types_pb2.VM_STATE_FAILED, timeout=30)
+    deadline = time.monotonic() + 30
+    while info.worker_pid and time.monotonic() < deadline:
+        time.sleep(0.05)  # the worker has failed its VM and is on its way out
+        info = node.get(name)
     assert info.state == types_pb2.VM_STATE_FAILED
     assert info.worker_pid == 0
     assert node.stub.NodeInfo(node_pb2.NodeInfoRequest()).used.memory_bytes == 0
@@ -131,4 +137,63 @@ def test_a_stream_lost_after_the_final_message_is_reported_unknown_and_resolvabl
     source.stub.ResumeVM(node_pb2.VMRef(name="vm"))
     out = wait_ticks(source, "vm", paused + 3)
     assert len(ticks(out)) >= paused + 3
+    assert_keeps_running_on(source, "vm", destination)
+
+
+def test_cancel_while_the_destination_stalls_answers_at_once_and_keeps_the_vm(
+    cluster: Cluster,
+) -> None:
+    source, destination = pair(cluster, "dst:stall:hello")
+    prepared = destination.stub.PrepareIncoming(
+        node_pb2.PrepareIncomingRequest(spec=source.get("vm").spec, timeout_s=INCOMING_TIMEOUT),
+        timeout=60,
+    )
+    ref = node_pb2.VMRef(name="vm")
+    started = source.stub.StartMigration(
+        node_pb2.StartMigrationRequest(
+            name="vm", destination_endpoint=prepared.endpoint, token=prepared.token
+        )
+    )
+    assert started.status == types_pb2.MIGRATION_STATE_SETUP
+    # The destination never answers the Hello; the cancel must not wait for it.
+    cancelled = source.stub.CancelMigration(ref, timeout=10)
+    assert cancelled.status == types_pb2.MIGRATION_STATE_CANCELLED
+    assert source.stub.CancelMigration(ref, timeout=10).status == cancelled.status
+    assert_keeps_running_on(source, "vm", destination)
+    assert_discarded(destination)
+
+
+def test_cancel_after_the_final_message_waits_for_the_destination_verdict(
+    cluster: Cluster,
+) -> None:
+    source, destination = pair(cluster, "dst:stall:complete")
+    prepared = destination.stub.PrepareIncoming(
+        node_pb2.PrepareIncomingRequest(spec=source.get("vm").spec, timeout_s=INCOMING_TIMEOUT),
+        timeout=60,
+    )
+    ref = node_pb2.VMRef(name="vm")
+    source.stub.StartMigration(
+        node_pb2.StartMigrationRequest(
+            name="vm", destination_endpoint=prepared.endpoint, token=prepared.token
+        )
+    )
+    deadline = time.monotonic() + 60
+    while source.stub.GetMigration(ref).status != types_pb2.MIGRATION_STATE_DEVICE:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    answer = source.stub.CancelMigration(ref, timeout=10)
+    if answer.status == types_pb2.MIGRATION_STATE_CANCELLED:
+        # The cancel landed in the last moments before Complete left: it simply wins.
+        assert_keeps_running_on(source, "vm", destination)
+        return
+    # Complete has left: the destination might be resuming the guest, so the cancel cannot
+    # simply win. It answers at once, and the source stays paused until a verdict.
+    assert answer.status == types_pb2.MIGRATION_STATE_CANCELLING
+    final = wait_migration(source, "vm")
+    # The stalled destination never answers; its incoming VM is discarded on its idle
+    # timeout, which breaks the stream: the outcome is unknown to the source.
+    assert final.status == types_pb2.MIGRATION_STATE_UNKNOWN, final.error
+    assert source.get("vm").state == types_pb2.VM_STATE_PAUSED
+    assert_discarded(destination)
+    source.stub.ResumeVM(ref)
     assert_keeps_running_on(source, "vm", destination)
