@@ -152,3 +152,18 @@ def test_observed_state_follows_the_node(cl: CoordCluster) -> None:
     vm = cl.wait_vm("short", lambda v: v.state == types_pb2.VM_STATE_STOPPED)
     assert vm.exit_code == 0 and vm.desired_state == RUNNING
     cl.stub.DeleteVM(node_pb2.VMRef(name="short"), timeout=60)
+
+
+def test_watch_events_streams_new_events_after_a_sequence_number(cl: CoordCluster) -> None:
+    last = cl.events()[-1].seq
+    stream = cl.stub.WatchEvents(coordinator_pb2.WatchEventsRequest(after=last), timeout=120)
+    cl.create("ev")
+    seen = []
+    for event in stream:
+        seen.append(event)
+        if event.kind == "vm-started":
+            break
+    stream.cancel()
+    assert [e.seq for e in seen] == list(range(last + 1, last + 1 + len(seen)))
+    assert [(e.kind, e.vm) for e in seen][:2] == [("vm-placed", "ev"), ("vm-started", "ev")]
+    cl.stub.DeleteVM(node_pb2.VMRef(name="ev"), timeout=60)
