@@ -48,6 +48,7 @@ class CoordinatorProcess:
         self.stub: coordinator_pb2_grpc.CoordinatorStub
 
     def start(self) -> CoordinatorProcess:
+        first_start = self.process is None
         command = [
             sys.executable,
             "-m",
@@ -68,6 +69,10 @@ class CoordinatorProcess:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while True:
             if self.process.poll() is not None:
+                if first_start and "cannot listen" in self.log_tail(1):
+                    # Another process took the free port between our check and its bind.
+                    self.address = f"127.0.0.1:{free_port()}"
+                    return self.start()
                 raise RuntimeError(f"ferry-coordinator exited: {self.log_tail()}")
             try:
                 reply = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
