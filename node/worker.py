@@ -73,6 +73,12 @@ STATE_TO_PROTO = {
 
 T = TypeVar("T")
 
+_VCPU_ACTIONS = {
+    worker_pb2.WORKER_ACTION_START,
+    worker_pb2.WORKER_ACTION_PAUSE,
+    worker_pb2.WORKER_ACTION_RESUME,
+}
+
 log = logging.getLogger("ferry-worker")
 
 
@@ -202,6 +208,14 @@ class Worker:
     # -- commands (run in the trio loop) ---------------------------------------------------
 
     async def control(self, action: int, timeout: float) -> worker_pb2.WorkerStatus:
+        migrating = self.outgoing is not None and self.outgoing.active
+        if migrating and action in _VCPU_ACTIONS:
+            # The migration owns the vCPU: a guest resumed mid-switchover would change RAM
+            # behind the final round, a pause would be undone by a failed migration.
+            raise CommandError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"VM {self.name!r} is migrating; cancel the migration first",
+            )
         try:
             if action == worker_pb2.WORKER_ACTION_START:
                 self.vm.start()

@@ -154,6 +154,12 @@ def test_cancel_keeps_the_vm_on_the_source_and_is_idempotent(cluster: Cluster) -
         assert time.monotonic() < deadline
         time.sleep(0.02)
     assert a.get("vm").state == types_pb2.VM_STATE_MIGRATING
+    # The migration owns the vCPU until it ends.
+    for call in (a.stub.PauseVM, a.stub.ResumeVM):
+        with pytest.raises(grpc.RpcError) as e:
+            call(ref, timeout=10)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "cancel the migration first" in (e.value.details() or "")
     first = a.stub.CancelMigration(ref, timeout=10)
     assert first.status == types_pb2.MIGRATION_STATE_CANCELLED
     again = a.stub.CancelMigration(ref, timeout=10)
