@@ -7,11 +7,12 @@ MEASUREMENTS.md (~1.5 GB/s with protobuf on loopback):
 * zero-page scan (contiguous, as round 0 does it; and on a gathered batch),
 * gathering a batch out of RAM, hashing it for the digest,
 * encoding raw / zstd-1 / lz4 (with the compression ratio), decoding and applying each,
-* protobuf mapping and serialisation of a batch, both ways,
-* the whole sender and receiver state machines back to back in memory (no I/O),
-* with ``--grpc``: round 0 of an idle guest through a real gRPC stream to a receiver in
-  another process, against the ceiling of the same stream carrying ready-made 1 MiB
-  messages to a process that only counts them (the ratio the issue's aim is about).
+* a batch to bytes and back: through protobuf objects, and through the serialised form
+  the migration stream uses (one payload copy out, none in),
+* the whole sender and receiver state machines back to back in memory (no I/O).
+
+Round 0 through a real gRPC stream between two processes, against the stream's own
+ceiling measured in the same run, is in ``bench/migration.py``.
 
 The synthetic RAM is a quarter zero pages, a quarter random bytes (incompressible) and
 half "structured" pages (small integers and repeated text), a rough stand-in for a guest's
@@ -21,16 +22,11 @@ heap and page cache; compression figures depend on it. Never pass/fail.
 from __future__ import annotations
 
 import functools
-import multiprocessing
-import queue
 import statistics
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent import futures
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -48,7 +44,6 @@ from node.migration import (
     wire,
 )
 from node.migration.digest import page_hashes
-from node.migration.messages import Message
 from protos.ferry.v1 import migration_pb2 as pb
 
 PAGE = 4096
@@ -145,7 +140,7 @@ def main() -> None:
             median_rate(nz_bytes, decode_apply),
         )
 
-    print("protobuf mapping (raw batches)")
+    print("batch to bytes and back (raw batches)")
     raw_policy = CompressionPolicy("none")
     raw_msgs = [
         Pages(1, 0, enc, b.astype(np.uint32), payload=pl)
@@ -163,6 +158,14 @@ def main() -> None:
         median_rate(
             nz_bytes, lambda: [wire.source_from_pb(pb.SourceMessage.FromString(b)) for b in blobs]
         ),
+    )
+    report(
+        "encode_source (serialised form)",
+        median_rate(nz_bytes, lambda: [wire.encode_source(m) for m in raw_msgs]),
+    )
+    report(
+        "decode_source (serialised form)",
+        median_rate(nz_bytes, lambda: [wire.decode_source(b) for b in blobs]),
     )
 
     print("state machines, in memory (round 0 of an idle guest)")
@@ -237,136 +240,5 @@ def migrate(ram: bytearray, compression: str) -> None:
     assert sender.phase == "completed", sender.reason
 
 
-# --------------------------------------------------------------------- over gRPC
-
-_GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 64 << 20),
-]
-
-
-def _destination_main(kind: str, ram_size: int, ports: Any) -> None:
-    """A destination process: counts messages ("count") or runs a real receiver."""
-    import grpc
-
-    from protos.ferry.v1 import migration_pb2_grpc as pb_grpc
-
-    class Destination(pb_grpc.MigrationServicer):
-        def Migrate(
-            self, requests: Iterator[pb.SourceMessage], context: object
-        ) -> Iterator[pb.DestinationMessage]:
-            if kind == "count":
-                n = sum(1 for _ in requests)
-                yield pb.DestinationMessage(ack=pb.Ack(acked_seq=n))
-                return
-            ram = bytearray(ram_size)
-            receiver = MigrationReceiver(
-                memoryview(ram), token=b"t", config_hash="c", restore=lambda s: None
-            )
-            for request in requests:
-                for action in receiver.receive(wire.source_from_pb(request)):
-                    if isinstance(action, SendMessage):
-                        yield wire.destination_to_pb(action.message)  # type: ignore[arg-type]
-
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=_GRPC_OPTIONS)
-    pb_grpc.add_MigrationServicer_to_server(Destination(), server)
-    ports.put(server.add_insecure_port("127.0.0.1:0"))
-    server.start()
-    server.wait_for_termination()
-
-
-def _start_destination(kind: str, ram_size: int) -> tuple[Any, int]:
-    ctx = multiprocessing.get_context("spawn")  # grpc does not survive fork
-    ports = ctx.Queue()
-    process = ctx.Process(target=_destination_main, args=(kind, ram_size, ports), daemon=True)
-    process.start()
-    return process, int(ports.get(timeout=60))
-
-
-def grpc_ceiling(port: int, nbytes: int) -> float:
-    """Seconds to stream ``nbytes`` of ready-made 1 MiB Pages messages."""
-    import grpc
-
-    from protos.ferry.v1 import migration_pb2_grpc as pb_grpc
-
-    batch = pb.SourceMessage(
-        pages=pb.Pages(
-            seq=1,
-            encoding=pb.ENCODING_RAW,
-            page_numbers=list(range(BATCH)),
-            payload=bytes(range(256)) * (BATCH * PAGE // 256),
-        )
-    )
-    count = max(1, nbytes // (BATCH * PAGE))
-    with grpc.insecure_channel(f"127.0.0.1:{port}", options=_GRPC_OPTIONS) as channel:
-        stub = pb_grpc.MigrationStub(channel)
-        t0 = time.perf_counter()
-        for _ in stub.Migrate(iter([batch] * count)):
-            pass
-        return time.perf_counter() - t0
-
-
-def grpc_migrate(port: int, ram: bytearray) -> float:
-    """Seconds for a whole migration of an idle guest through gRPC (sender in one thread)."""
-    import grpc
-
-    from protos.ferry.v1 import migration_pb2_grpc as pb_grpc
-
-    sender = MigrationSender(memoryview(ram), NoDirt(), dict, token=b"t", config_hash="c")
-    replies: queue.Queue[Message | None] = queue.Queue()
-    finished = threading.Event()
-
-    def requests() -> Iterator[pb.SourceMessage]:
-        # gRPC consumes this generator in its own thread; the sender lives only here.
-        pending = sender.start()
-        while True:
-            for action in pending:
-                if isinstance(action, SendMessage):
-                    yield wire.source_to_pb(action.message)  # type: ignore[arg-type]
-            if sender.finished:
-                finished.set()
-                return
-            pending = sender.poll()
-            if not pending:
-                reply = replies.get()
-                pending = sender.connection_lost() if reply is None else sender.receive(reply)
-
-    with grpc.insecure_channel(f"127.0.0.1:{port}", options=_GRPC_OPTIONS) as channel:
-        stub = pb_grpc.MigrationStub(channel)
-        t0 = time.perf_counter()
-        try:
-            for response in stub.Migrate(requests()):
-                replies.put(wire.destination_from_pb(response))
-                if finished.is_set():
-                    break
-        finally:
-            replies.put(None)
-        elapsed = time.perf_counter() - t0
-    assert sender.phase == "completed", sender.reason
-    return elapsed
-
-
-def grpc_section(ram: bytearray, nz_bytes: int) -> None:
-    print("over a gRPC stream to another process (loopback), round 0 of an idle guest")
-    counter, count_port = _start_destination("count", 0)
-    receiver, recv_port = _start_destination("receive", len(ram))
-    try:
-        ceiling = []
-        ferry = []
-        for _ in range(RUNS):
-            ceiling.append(nz_bytes / grpc_ceiling(count_port, nz_bytes) / 1e6)
-            ferry.append(nz_bytes / grpc_migrate(recv_port, ram) / 1e6)
-    finally:
-        counter.terminate()
-        receiver.terminate()
-    c, f = statistics.median(ceiling), statistics.median(ferry)
-    report("gRPC stream ceiling (ready-made messages)", c)
-    report("Ferry sender -> gRPC -> receiver", f, f"{f / c:.0%} of the ceiling")
-
-
 if __name__ == "__main__":
     main()
-    if "--grpc" in sys.argv:
-        ram = synthetic_ram(RAM_MIB)
-        words = np.frombuffer(ram, dtype=np.uint64).reshape(-1, PAGE // 8)
-        grpc_section(ram, int(words.any(axis=1).sum()) * PAGE)
