@@ -145,16 +145,16 @@ def test_other_refusals(node: NodeProcess) -> None:
             node.stub.Restore, node_pb2.RestoreRequest(name="r", path="/nonexistent.snap")
         )
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-        for call, request in [
-            (node.stub.PrepareIncoming, node_pb2.PrepareIncomingRequest()),
-            (node.stub.StartMigration, node_pb2.StartMigrationRequest(name="idle")),
-            (node.stub.GetMigration, ref),
-            (node.stub.CancelMigration, ref),
-        ]:
-            assert _refused(call, request).code() == grpc.StatusCode.UNIMPLEMENTED
-        with pytest.raises(grpc.RpcError) as e:
-            list(node.stub.WatchMigration(ref, timeout=30))
-        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        error = _refused(node.stub.PrepareIncoming, node_pb2.PrepareIncomingRequest())
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        error = _refused(node.stub.StartMigration, node_pb2.StartMigrationRequest(name="idle"))
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "only a running VM" in (error.details() or "")
+        error = _refused(node.stub.GetMigration, node_pb2.VMRef(name="ghost"))
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+        # A VM that never migrated has no migration to report or cancel.
+        for call in (node.stub.GetMigration, node.stub.CancelMigration):
+            assert call(ref).status == types_pb2.MIGRATION_STATE_NONE
     finally:
         node.stub.DestroyVM(node_pb2.VMRef(name="idle"))
 
