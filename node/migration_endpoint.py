@@ -383,6 +383,7 @@ class IncomingMigration(migration_pb2_grpc.MigrationServicer):
                 self._worker.discard(action.reason)
             elif isinstance(action, GuestRunning):
                 log.info("incoming migration complete: the guest runs here")
+                self._worker.stop_incoming_server()
         return replies
 
     def _handle(self, message: object) -> tuple[list[migration_pb2.DestinationMessage], bool]:

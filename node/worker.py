@@ -362,8 +362,11 @@ class Worker:
         return self.outgoing.status()
 
     def stop_incoming_server(self) -> None:
+        """Stop listening for migration streams; the one in progress gets a few seconds to
+        deliver its last answer (``Resumed``)."""
         if self._incoming_server is not None:
-            self._incoming_server.stop(1.0)
+            self._incoming_server.stop(5.0)
+            self._incoming_server = None
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
