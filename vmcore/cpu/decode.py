@@ -2,13 +2,16 @@
 
 This is the reference execution engine (DESIGN §3). A block is the run of instructions from
 an entry pc up to the first control transfer, sensitive instruction, page end or
-``MAX_BLOCK`` instructions. Ordinary instructions are closures that return nothing; the
-block's last closure (its *terminator*) returns the next pc. The hart caches blocks by
-virtual pc and checks the physical page at every entry, so a remapped page is re-decoded.
+``MAX_BLOCK`` instructions (direct jumps within the page are followed, not ended on).
+Ordinary instructions are closures that return nothing; the block's last closure (its
+*terminator*) returns the next pc. The hart caches blocks by virtual pc and checks the
+physical page at every entry, so a remapped page is re-decoded.
 
-A later block translator replaces :func:`translate_block` and keeps the :class:`Block`
-contract: ``ops`` run in order, ``term()`` returns the next pc, ``pcs[i]`` is the pc of
-instruction ``i`` (so a trap can say how many retired), ``n`` is the instruction count.
+The run loop only relies on the :class:`Block` contract: ``run()`` executes the block and
+returns the next pc, ``pcs[i]`` is the pc of the i-th instruction (so a trap can say how
+many retired), ``n`` is the instruction count, ``ppage`` the physical page it came from.
+Hot blocks get a faster ``run`` from :mod:`vmcore.cpu.compile`; another engine can replace
+:func:`translate_block` as ``Hart.translator``, keeping this one as the reference.
 
 Register writes to x0 go to a scratch slot ``x[32]`` so closures never test for rd == 0.
 Registers hold unsigned 64-bit values; signed views are made on demand with ``^ S``.
