@@ -363,3 +363,13 @@ def test_restore_rejects_wrong_version() -> None:
 def test_hart_exports() -> None:
     assert Hart is not None
     assert (MSIP, MTIP, MEIP, SEIP, STIP) == (8, 128, 2048, 512, 32)
+
+
+@needs_as
+def test_trace_logs_traps_and_mmio() -> None:
+    m = Machine(assemble(SETUP + "ecall\n" + M_HANDLER))
+    lines: list[str] = []
+    m.hart.trace = lines.append
+    m.run()
+    assert any(line.startswith("trap ecall from M") and "M->M" in line for line in lines)
+    assert any(line.startswith("mmio write 0x100000") for line in lines)
