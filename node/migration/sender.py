@@ -102,6 +102,13 @@ _MIN_BANDWIDTH_SAMPLE = 1 << 20
 # The link's speed (for the compression choice) is measured over windows of this many
 # acknowledged bytes of raw batches: long enough that the first batches' latency washes out.
 _LINK_WINDOW = 2 << 20
+# While compressing, every this many compressed batches the sender sends a probe of raw
+# batches (three windows' worth, so that whole windows of them are measured however the
+# windows fall): otherwise a link that looked slow once (a busy moment, the first batches'
+# latency) would keep compression on for good, since only raw windows measure the link.
+# On a link that really is slow this costs a few percent.
+_PROBE_EVERY = 64
+_PROBE_BYTES = 3 * _LINK_WINDOW
 # More credit than this from a destination is a protocol error, not generosity.
 _MAX_CREDIT = 1024
 THROTTLE_FIRST = 20
@@ -318,9 +325,10 @@ class MigrationSender:
         # The fastest the link has been seen carrying raw batches (see _measure_link).
         self._link_peak = 0.0
         self._link_window_start = 0.0
-        self._link_window_busy = 0.0
         self._link_window_bytes = 0
         self._link_window_mixed = False
+        self._compressed_since_probe = 0
+        self._probe_bytes_left = 0
 
     # ----------------------------------------------------------------- driver interface
 
@@ -610,7 +618,16 @@ class MigrationSender:
             hashes = page_hashes(numbers, contents, nonzero=np.ones(len(numbers), dtype=bool))
             self.digest.set_hashes(numbers, hashes)
             self.digest.update_zero(zero_pages)
-            encoding, payload = self._policy.encode(contents, self._link_bandwidth())
+            link = self._link_bandwidth()
+            if self._probe_bytes_left > 0:
+                link = math.inf  # a raw probe: see _PROBE_EVERY
+                self._probe_bytes_left -= contents.nbytes
+            encoding, payload = self._policy.encode(contents, link)
+            if encoding != "raw" and self.options.compression == "auto":
+                self._compressed_since_probe += 1
+                if self._compressed_since_probe >= _PROBE_EVERY and self._tx_seconds <= 0:
+                    self._compressed_since_probe = 0
+                    self._probe_bytes_left = _PROBE_BYTES
             if encoding != "raw":
                 self._compressed_bytes += len(payload)
                 self._sent_compressed.add(self._next_seq)
@@ -669,7 +686,6 @@ class MigrationSender:
 
     def _start_link_window(self, now: float) -> None:
         self._link_window_start = now
-        self._link_window_busy = self._policy.busy_seconds
         self._link_window_bytes = 0
         self._link_window_mixed = False
 
@@ -685,9 +701,12 @@ class MigrationSender:
         """
         if self._link_window_bytes < _LINK_WINDOW:
             return
+        # No compressing happened in a raw window (only the policy's small samples, on
+        # the compressor's own clock), so its whole duration was the link's.
         elapsed = now - self._link_window_start
-        elapsed -= self._policy.busy_seconds - self._link_window_busy
-        if not self._link_window_mixed and elapsed > 0:
+        if elapsed <= 0:
+            return  # acknowledgements that arrived together: wait for time to pass
+        if not self._link_window_mixed:
             self._link_peak = max(self._link_peak, self._link_window_bytes / elapsed)
         self._start_link_window(now)
 
