@@ -66,6 +66,7 @@ from vmcore.memory import GuestRAM
 
 M64 = (1 << 64) - 1
 STATE_VERSION = 1
+MAX_CACHED_BLOCKS = 1 << 16
 # Highest priority first (privileged spec 3.1.9).
 _INT_PRIORITY = (11, 3, 7, 9, 1, 5)
 _PRIV_NAMES = {0: "U", 1: "S", 3: "M"}
@@ -332,6 +333,10 @@ class Hart:
         return ins - start
 
     def _translate(self, pc: int, ppage: int) -> Block:
+        if len(self.blocks) >= MAX_CACHED_BLOCKS:
+            # Bound the decode cache's memory (guests that keep generating code, or many
+            # processes): start afresh, hot code is decoded again within microseconds.
+            self.fence_i()
         blk, cacheable = self.translator(self, pc, ppage)
         if cacheable:
             self.blocks[pc] = blk
