@@ -102,12 +102,14 @@ _MIN_BANDWIDTH_SAMPLE = 1 << 20
 # The link's speed (for the compression choice) is measured over windows of this many
 # acknowledged bytes of raw batches: long enough that the first batches' latency washes out.
 _LINK_WINDOW = 2 << 20
-# While compressing, every this many compressed batches the sender sends a probe of raw
-# batches (three windows' worth, so that whole windows of them are measured however the
-# windows fall): otherwise a link that looked slow once (a busy moment, the first batches'
-# latency) would keep compression on for good, since only raw windows measure the link.
-# On a link that really is slow this costs a few percent.
-_PROBE_EVERY = 64
+# While compressing, the sender now and then sends a probe of raw batches (three windows'
+# worth, so that whole windows of them are measured however the windows fall): otherwise a
+# link that looked slow once (a busy moment) would keep compression on for good, since
+# only raw windows measure the link. The first probe comes soon, then they thin out
+# (doubling the interval up to a maximum), which on a link that really is slow costs a few
+# percent.
+_PROBE_FIRST = 8
+_PROBE_MAX = 64
 _PROBE_BYTES = 3 * _LINK_WINDOW
 # More credit than this from a destination is a protocol error, not generosity.
 _MAX_CREDIT = 1024
@@ -328,7 +330,10 @@ class MigrationSender:
         self._link_window_bytes = 0
         self._link_window_mixed = False
         self._compressed_since_probe = 0
+        self._probe_every = _PROBE_FIRST
         self._probe_bytes_left = 0
+        # The first window carries the stream's start-up (connection, first round trips).
+        self._link_windows_seen = 0
 
     # ----------------------------------------------------------------- driver interface
 
@@ -625,8 +630,9 @@ class MigrationSender:
             encoding, payload = self._policy.encode(contents, link)
             if encoding != "raw" and self.options.compression == "auto":
                 self._compressed_since_probe += 1
-                if self._compressed_since_probe >= _PROBE_EVERY and self._tx_seconds <= 0:
+                if self._compressed_since_probe >= self._probe_every and self._tx_seconds <= 0:
                     self._compressed_since_probe = 0
+                    self._probe_every = min(2 * self._probe_every, _PROBE_MAX)
                     self._probe_bytes_left = _PROBE_BYTES
             if encoding != "raw":
                 self._compressed_bytes += len(payload)
@@ -706,7 +712,8 @@ class MigrationSender:
         elapsed = now - self._link_window_start
         if elapsed <= 0:
             return  # acknowledgements that arrived together: wait for time to pass
-        if not self._link_window_mixed:
+        self._link_windows_seen += 1
+        if not self._link_window_mixed and self._link_windows_seen > 1:
             self._link_peak = max(self._link_peak, self._link_window_bytes / elapsed)
         self._start_link_window(now)
 
