@@ -7,26 +7,32 @@ Prints, in one run on this machine:
    each side; and Ferry's sender → stream → receiver pipeline moving 64 MiB of synthetic
    RAM (round 0 of a guest whose vCPU does not compete for the interpreter), as a fraction
    of both. Median of several runs.
-2. For each case (RAM, working set, dirty rate): `dirtier` migrated between two Ferry
-   processes on this machine, and the same image migrated by QEMU 7.2 (TCG) through QMP,
-   with total time, downtime, bytes transferred, dirty-bitmap syncs (rounds), Ferry's
-   round-0 throughput, and the Ferry/QEMU ratios.
+2. For each case (RAM, working set, dirty rate): `dirtier` migrated on this machine three
+   ways, with total time, downtime, bytes transferred, dirty-bitmap syncs (rounds), round-0
+   throughput, and the ratios to QEMU:
 
-The Ferry side runs the migration core as a VMM worker does (node/migration_endpoint.py):
-each end is its own process holding a real VM, connected by a real gRPC ``Migrate``
-stream carrying the serialised form of node.migration.wire; the source runs guest slices
-between its sender's steps and honours throttling. Both ends share the host, so their
-monotonic clocks compare and downtime is measured from the source's pause to the moment the
-destination's VM resumed. Repetitions ping-pong the same running guest between the two
-processes (its own checks keep verifying its memory all along), so the slow fill of a big
-working set on Ferry's interpreted vCPU is paid once per case.
+   * ``core``: the migration core (node.migration) with everything it offers: two VM
+     processes driving sender and receiver as a VMM worker does, over a real gRPC
+     ``Migrate`` stream carrying node.migration.wire's serialised form, with the residency
+     hints (node.migration.residency) on both ends. The source runs guest slices between
+     its sender's steps and honours throttling.
+   * ``node``: two real ``ferry-node`` agents and their VMM workers, driven as the
+     coordinator drives them (PrepareIncoming, StartMigration, WatchMigration); its
+     throughput column is the bandwidth the sender last measured (QEMU's ``mbps``).
+   * ``QEMU``: the same image on QEMU 7.2 (TCG), migrated through QMP.
+
+Both Ferry ends share the host, so their monotonic clocks compare and downtime is measured
+from the source's pause to the moment the destination's VM resumed. Repetitions ping-pong
+the same running guest between the two processes (its own checks keep verifying its memory
+all along), so the slow fill of a big working set on Ferry's interpreted vCPU is paid once
+per case and way.
 
 Both sides use a 300 ms downtime limit and unlimited bandwidth (QEMU's default cap of
 128 MiB/s is raised, as libvirt does). Every case has a timeout; a migration that does not
 converge ends by Ferry's policy (throttle, raise the downtime budget, cancel), and a QEMU
 migration still running at the timeout is cancelled. Never pass/fail: exits 0.
 
-``--quick`` runs only the 16 MiB working sets once (a smoke run).
+``--quick`` runs two small cases once (a smoke run); ``--no-nodes`` leaves out ferry-node.
 """
 
 from __future__ import annotations
@@ -662,6 +668,74 @@ def ferry_migrate(source: HostProcess, dest: HostProcess, case: Case) -> Result:
     )
 
 
+# ==================================================== Ferry: real ferry-node processes
+
+
+def ferry_nodes_case(case: Case, repeats: int) -> list[Result]:
+    """The same migrations through two ``ferry-node`` agents and their VMM workers, driven
+    as the coordinator drives them (PrepareIncoming, StartMigration, WatchMigration)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import cluster  # the multi-process test harness: starts and tears down real agents
+
+    from protos.ferry.v1 import types_pb2
+
+    results: list[Result] = []
+    nodes = cluster.Cluster()
+    try:
+        a = nodes.node("bench-a", memory="4G")
+        b = nodes.node("bench-b", memory="4G")
+        append = f"wss={case.wss} rate={case.rate}"
+        a.create("vm", DIRTIER, memory=case.ram_mib * MiB, append=append)
+        deadline = time.monotonic() + 180
+        while b"tick 0" not in a.console("vm", follow=False)[0]:
+            if time.monotonic() > deadline:
+                return [Result("error", 0, 0, 0, 0, note="guest never ticked on ferry-node")]
+            time.sleep(0.1)
+        options = types_pb2.MigrationOptions(max_downtime_ms=int(DOWNTIME_MS), timeout_s=60)
+        source, dest = a, b
+        for _ in range(repeats):
+            status = cluster.migrate(source, dest, "vm", options)
+            name = types_pb2.MigrationState.Name(status.status)
+            name = name.removeprefix("MIGRATION_STATE_").lower()
+            if status.status != types_pb2.MIGRATION_STATE_COMPLETED:
+                results.append(
+                    Result(
+                        name,
+                        status.total_time_ms,
+                        0,
+                        status.transferred,
+                        status.dirty_sync_count,
+                        note=status.error[:90],
+                    )
+                )
+                break
+            before = dest.console("vm", follow=False)[0].count(b"tick ")
+            time.sleep(0.5)
+            after = dest.console("vm", follow=False)[0]
+            ok = after.count(b"tick ") > before and b"CORRUPT" not in after
+            results.append(
+                Result(
+                    name,
+                    status.total_time_ms,
+                    # Pause on the source to resume on the destination, one host's clock.
+                    (status.resumed_at - status.paused_at) * 1000,
+                    status.transferred,
+                    status.dirty_sync_count,
+                    status.mbps / 8,
+                    guest_ok=ok,
+                    note="" if ok else "guest stopped ticking after the migration",
+                )
+            )
+            if not ok:
+                break
+            source, dest = dest, source
+    except Exception as exc:  # a bench reports, it does not crash
+        results.append(Result("error", 0, 0, 0, 0, note=f"{type(exc).__name__}: {exc}"[:120]))
+    finally:
+        nodes.close()
+    return results
+
+
 # ================================================================================ QEMU
 
 
@@ -803,11 +877,12 @@ class Case:
 @dataclass
 class CaseResults:
     ferry: list[Result] = field(default_factory=list)
+    nodes: list[Result] = field(default_factory=list)
     qemu: list[Result] = field(default_factory=list)
     fill_s: float = 0.0
 
 
-def run_case(case: Case, repeats: int) -> CaseResults:
+def run_case(case: Case, repeats: int, with_nodes: bool) -> CaseResults:
     results = CaseResults()
     a, b = HostProcess(), HostProcess()
     try:
@@ -826,6 +901,8 @@ def run_case(case: Case, repeats: int) -> CaseResults:
     finally:
         a.close()
         b.close()
+    if with_nodes:
+        results.nodes = ferry_nodes_case(case, repeats)
     if shutil.which(QEMU):
         for _ in range(repeats):
             results.qemu.append(qemu_migrate(case))
@@ -853,17 +930,21 @@ def print_table(rows: list[tuple[Case, CaseResults]]) -> None:
     print(header)
     print("-" * len(header))
     for case, res in rows:
-        ferry, qemu = median_result(res.ferry), median_result(res.qemu)
-        for name, r, n in (("Ferry", ferry, len(res.ferry)), ("QEMU", qemu, len(res.qemu))):
+        qemu = median_result(res.qemu)
+        first = True
+        for name, runs in (("core", res.ferry), ("node", res.nodes), ("QEMU", res.qemu)):
+            r = median_result(runs)
+            n = len(runs)
             if r is None:
                 continue
             ratios = ""
-            if name == "Ferry" and qemu is not None and r.status == qemu.status == "completed":
+            if name != "QEMU" and qemu is not None and r.status == qemu.status == "completed":
                 ratios = (
                     f"{_ratio(r.total_ms, qemu.total_ms)} {_ratio(r.downtime_ms, qemu.downtime_ms)}"
                     f" {_ratio(r.transferred, qemu.transferred)}"
                 )
-            label = case.label if name == "Ferry" else ""
+            label = case.label if first else ""
+            first = False
             print(
                 f"{label:>24} | {name:5} {n:>2} {r.status:>9} {r.total_ms:9.0f} "
                 f"{r.downtime_ms:8.1f} {r.transferred / MiB:9.1f} {r.syncs:5d} "
@@ -875,6 +956,8 @@ def print_table(rows: list[tuple[Case, CaseResults]]) -> None:
 
 def main() -> None:
     quick = "--quick" in sys.argv
+    # The worker's own migration (node/migration_endpoint.py) exists: run it too.
+    with_nodes = "--no-nodes" not in sys.argv
     if not DIRTIER.exists():
         print(f"no guest image at {DIRTIER}: run `make guests` first")
         return
@@ -908,11 +991,12 @@ def main() -> None:
     rows = []
     t0 = time.monotonic()
     for case in cases:
-        res = run_case(case, repeats)
+        res = run_case(case, repeats, with_nodes)
         rows.append((case, res))
         print(
             f"  {case.label}: Ferry fill {res.fill_s:.1f} s; total ms Ferry "
             f"{[round(r.total_ms) for r in res.ferry]}, "
+            f"ferry-node {[round(r.total_ms) for r in res.nodes]}, "
             f"QEMU {[round(r.total_ms) for r in res.qemu]}; "
             f"Ferry guest MIPS while migrating {[round(r.guest_mips, 2) for r in res.ferry]}",
             flush=True,
