@@ -50,9 +50,15 @@ fi
 # Only a changed /init touches the file the initramfs depends on.
 if cmp -s "$obj/init.new" "$obj/init"; then rm "$obj/init.new"; else mv "$obj/init.new" "$obj/init"; fi
 
+# gen_init_cpio stores a file's own mtime in the archive (its -t timestamp
+# covers only directories and nodes), so pin it.
+touch -d "@$SOURCE_DATE_EPOCH" "$obj/init"
+
 # The list names files by absolute path because gen_init_cpio runs in the
-# build tree; the path itself does not reach the image.
+# build tree; the path itself does not reach the image. /init's checksum is in
+# the list because its pinned mtime would hide a change from make.
 cat > "$obj/initramfs.list.new" <<LIST
+# /init sha256 $(sha256sum "$obj/init" | cut -d' ' -f1)
 dir /dev 0755 0 0
 nod /dev/console 0600 0 0 c 5 1
 file /init $obj/init 0755 0 0
