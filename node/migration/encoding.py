@@ -224,8 +224,9 @@ class CompressionPolicy:
     ) -> tuple[Encoding, bytes | memoryview]:
         """Pack the rows of ``data`` (pages) for a link of ``link_bandwidth`` bytes/s.
 
-        ``link_bandwidth`` 0 means not measured yet. A raw payload is a view of ``data``
-        (no copy): the caller hands over an array it no longer changes.
+        ``link_bandwidth`` 0 means not measured yet, ``math.inf`` asks for raw. A raw
+        payload is a view of ``data`` (no copy); the sender passes a view of guest RAM and
+        relies on the dirty log to resend a page the guest writes before it is serialised.
         """
         raw = np.ascontiguousarray(data).reshape(-1).data
         if self.mode == "none" or not len(raw):

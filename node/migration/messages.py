@@ -78,7 +78,8 @@ class Pages:
     encoding: str
     page_numbers: np.ndarray = field(default_factory=_no_pages)
     zero_pages: np.ndarray = field(default_factory=_no_pages)
-    # bytes from the wire; a memoryview when built in-process (saves copying 1 MiB).
+    # bytes, or a memoryview (saves copying 1 MiB): of guest RAM when the sender built the
+    # batch (serialise it when sending it), of the received message after wire.decode_source.
     payload: bytes | memoryview = b""
 
 

@@ -625,7 +625,7 @@ class MigrationSender:
             self.digest.update_zero(zero_pages)
             link = self._link_bandwidth()
             if self._probe_bytes_left > 0:
-                link = math.inf  # a raw probe: see _PROBE_EVERY
+                link = math.inf  # a raw probe: see _PROBE_FIRST
                 self._probe_bytes_left -= contents.nbytes
             encoding, payload = self._policy.encode(contents, link)
             if encoding != "raw" and self.options.compression == "auto":
