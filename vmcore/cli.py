@@ -20,6 +20,7 @@ import time
 import traceback
 import tty
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from vmcore.board import DEFAULT_MEMORY, MachineConfig, describe_images
@@ -117,6 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     restore.add_argument("snapshot", metavar="FILE", help="a snapshot written by ferry-vm")
     _add_session_options(restore)
+
+    snapshot = commands.add_parser(
+        "snapshot",
+        help="make a running ferry-vm write its snapshot (and keep running, or stop)",
+        description=(
+            "Ask a running 'ferry-vm run/restore --save-on-exit FILE' process to pause its "
+            "guest between slices, write FILE, and continue (or, with --stop, exit). Waits "
+            "until the new snapshot is in place and prints its path."
+        ),
+    )
+    snapshot.add_argument("pid", type=int, metavar="PID", help="process id of the ferry-vm")
+    snapshot.add_argument(
+        "--stop", action="store_true", help="stop the VM after writing the snapshot"
+    )
+    snapshot.add_argument(
+        "--wait", type=_seconds, default=30.0, metavar="SEC",
+        help="how long to wait for the snapshot to appear (default 30)",
+    )
     return parser
 
 
@@ -318,6 +337,41 @@ def _save(vm: VM, path: str) -> None:
 
 
 
+def _snapshot_target(pid: int) -> str:
+    """The ``--save-on-exit`` path of the ferry-vm with this pid (read from /proc), so the
+    request goes only to a process that will answer it with a snapshot."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        _fail(f"no process with pid {pid}")
+    words = [w.decode(errors="replace") for w in argv if w]
+    if not any(w.endswith("ferry-vm") or w == "vmcore.cli" for w in words):
+        _fail(f"process {pid} is not a ferry-vm")
+    for i, word in enumerate(words):
+        if word == "--save-on-exit" and i + 1 < len(words):
+            return words[i + 1]
+        if word.startswith("--save-on-exit="):
+            return word.split("=", 1)[1]
+    _fail(f"ferry-vm {pid} was started without --save-on-exit FILE: it has nowhere to write")
+
+
+def request_snapshot(args: argparse.Namespace) -> int:
+    """Signal a running ferry-vm (SIGUSR1: write and continue; SIGTERM: write and stop)."""
+    pid: int = args.pid
+    path = _snapshot_target(pid)
+    cwd = Path(f"/proc/{pid}/cwd")
+    target = Path(path) if os.path.isabs(path) else cwd.resolve() / path
+    before = target.stat().st_mtime_ns if target.exists() else None
+    os.kill(pid, signal.SIGTERM if args.stop else signal.SIGUSR1)
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        if target.exists() and target.stat().st_mtime_ns != before:
+            print(target)
+            return 0
+        time.sleep(0.05)
+    _fail(f"ferry-vm {pid} wrote no snapshot to {target} within {args.wait:g} s")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -325,6 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_vm(args)
         if args.command == "restore":
             return restore_vm(args)
+        if args.command == "snapshot":
+            return request_snapshot(args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     _fail(f"unknown command {args.command!r}")
