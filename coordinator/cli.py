@@ -504,17 +504,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     nodes = group("node", "nodes: list, inspect, cordon, drain")
     cmd(nodes, "ls", node_ls, "list nodes with status, capacity and usage")
-    cmd(nodes, "show", node_show, "one node and its VMs").add_argument("name")
-    cmd(nodes, "cordon", node_cordon, "place no new VMs on a node").add_argument("name")
-    cmd(nodes, "uncordon", node_uncordon, "let a node take VMs again").add_argument("name")
+    cmd(nodes, "show", node_show, "one node and its VMs").add_argument("name", help="node name")
+    cmd(nodes, "cordon", node_cordon, "place no new VMs on a node").add_argument(
+        "name", help="node name"
+    )
+    cmd(nodes, "uncordon", node_uncordon, "let a node take VMs again").add_argument(
+        "name", help="node name"
+    )
     p = cmd(nodes, "drain", node_drain, "live-migrate every VM off a node, then mark it drained")
-    p.add_argument("name")
+    p.add_argument("name", help="node name")
     p.add_argument("--max-parallel", type=int, metavar="K", help="migrations at once (2)")
     _migration_options(p)
 
     vms = group("vm", "VMs: create, list, start, stop, remove, migrate, console")
     p = cmd(vms, "create", vm_create, "create a VM where the scheduler (or --node) says")
-    p.add_argument("name")
+    p.add_argument("name", help="VM name: 1-63 of a-z, 0-9 and '-'")
     p.add_argument("--kernel", required=True, help="kernel or bare-metal ELF (path on the node)")
     p.add_argument("--memory", type=parse_size, default=parse_size("64M"), help="RAM (64M)")
     p.add_argument("--vcpus", type=int, default=1, help="vCPUs (1)")
@@ -541,15 +545,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-start", action="store_true", help="create without starting")
     cmd(vms, "ls", vm_ls, "list VMs").add_argument("--node", help="only VMs on this node")
-    cmd(vms, "show", vm_show, "one VM in detail").add_argument("name")
-    cmd(vms, "start", vm_start, "start a created or stopped VM").add_argument("name")
+    cmd(vms, "show", vm_show, "one VM in detail").add_argument("name", help="VM name")
+    cmd(vms, "start", vm_start, "start a created or stopped VM").add_argument(
+        "name", help="VM name"
+    )
     p = cmd(vms, "stop", vm_stop, "stop a VM (graceful, then forced)")
-    p.add_argument("name")
+    p.add_argument("name", help="VM name")
     p.add_argument("--force", action="store_true", help="skip the grace period")
     p.add_argument("--timeout", type=float, metavar="S", help="grace period (10)")
-    cmd(vms, "rm", vm_rm, "stop and delete a VM").add_argument("name")
+    cmd(vms, "rm", vm_rm, "stop and delete a VM").add_argument("name", help="VM name")
     p = cmd(vms, "migrate", vm_migrate, "live-migrate a running VM")
-    p.add_argument("name")
+    p.add_argument("name", help="VM name")
     p.add_argument("--to", metavar="NODE", help="destination (default: the scheduler's pick)")
     _migration_options(p)
     p = cmd(
@@ -558,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
         vm_console,
         "attach to a VM's console (Ctrl-] detaches); follows the VM across migrations",
     )
-    p.add_argument("name")
+    p.add_argument("name", help="VM name")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--follow", action="store_true", help="read-only: print output as it comes")
     mode.add_argument("--dump", action="store_true", help="print the output so far and exit")
@@ -570,8 +576,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd(ops, "ls", op_ls, "recent operations, newest first")
     p.add_argument("--limit", type=int, default=20, help="how many (20)")
     p.add_argument("--target", help="only operations on this VM or node")
-    cmd(ops, "show", op_show, "one operation with per-VM progress").add_argument("id")
-    cmd(ops, "watch", op_watch, "follow an operation to its end").add_argument("id")
+    cmd(ops, "show", op_show, "one operation with per-VM progress").add_argument(
+        "id", help="operation id (op-...)"
+    )
+    cmd(ops, "watch", op_watch, "follow an operation to its end").add_argument(
+        "id", help="operation id (op-...)"
+    )
 
     p = top.add_parser(
         "events", help="cluster events", description="cluster events", parents=[common]
