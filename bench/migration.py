@@ -610,6 +610,7 @@ class HostProcess:
         self.process.join(5)
         if self.process.is_alive():
             self.process.terminate()
+            self.process.join(5)
 
 
 @dataclass
@@ -898,6 +899,8 @@ def run_case(case: Case, repeats: int, with_nodes: bool) -> CaseResults:
                 if result.status != "completed" or not result.guest_ok:
                     break
                 source, dest = dest, source
+    except (TimeoutError, OSError, EOFError) as exc:  # a stuck or dead host process
+        results.ferry.append(Result("error", 0, 0, 0, 0, note=f"{type(exc).__name__}: {exc}"))
     finally:
         a.close()
         b.close()
@@ -905,7 +908,11 @@ def run_case(case: Case, repeats: int, with_nodes: bool) -> CaseResults:
         results.nodes = ferry_nodes_case(case, repeats)
     if shutil.which(QEMU):
         for _ in range(repeats):
-            results.qemu.append(qemu_migrate(case))
+            try:
+                results.qemu.append(qemu_migrate(case))
+            except (OSError, RuntimeError, ValueError) as exc:  # QMP trouble: report it
+                results.qemu.append(Result("error", 0, 0, 0, 0, note=f"QEMU: {exc}"[:120]))
+                break
     return results
 
 
