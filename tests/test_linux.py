@@ -142,6 +142,8 @@ def test_ferry_boots_linux_and_powers_off(ferry_run: GuestRun) -> None:
     assert "init: pid 1" in out
     assert "init: powering off" in out
     assert "reboot: Power down" in out, out[-2000:]
+    got = [(int(n), int(s, 16)) for n, s in TICK.findall(out)]
+    assert got == list(enumerate(expected_tick_sums(TICKS)))
 
 
 def test_init_output_on_ferry_matches_qemu(ferry_run: GuestRun, qemu_run: GuestRun) -> None:
