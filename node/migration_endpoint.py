@@ -4,19 +4,30 @@
 this module only moves its messages over one bidirectional ``Migration.Migrate`` stream
 and carries out its actions on the worker's VM, in the worker's trio loop (DESIGN §6).
 
+Both ends use the protocol's own serialised form (:func:`node.migration.wire.migrate_call`,
+:func:`~node.migration.wire.migration_handler`): exactly protobuf's wire format, but a page
+batch is written with one copy of its payload and read with none, where building protobuf
+objects costs three copies each way.
+
 **Source** (:class:`OutgoingMigration`): a trio task drives the sender between the vCPU's
 slices. The stream is grpcio's synchronous one, and its two blocking halves live in
 threads so that neither ever holds up the guest: grpcio's own request thread takes
-ready-made protobuf messages from a queue (serialising and writing them off the trio loop),
-and a reader thread posts the destination's answers into the loop through a trio channel.
-The sender's credit window bounds the queue. A destination that stops answering while
-messages are outstanding for :data:`SILENCE_S` counts as a lost connection (the sender
-then resumes the VM, or reports the outcome unknown after its final message), so a stalled
-peer can never hold a migration forever.
+ready-made bytes from a queue and writes them, and a reader thread posts the destination's
+answers into the loop through a trio channel. Each message is serialised in the loop as
+the sender emits it, because a batch's payload may be a view of guest RAM: encoded at
+once, the bytes that leave are the pages the sender hashed, and gRPC's thread, which has to
+win the interpreter from the vCPU, only writes. The sender's credit window bounds the
+queue. A destination that stops answering while messages are outstanding for
+:data:`SILENCE_S` counts as a lost connection (the sender then resumes the VM, or reports
+the outcome unknown after its final message), so a stalled peer can never hold a migration
+forever.
 
-**Destination** (:class:`IncomingMigration`): the Migration servicer of an incoming worker.
-It serves exactly one stream; each message goes into the loop, through the receiver, and
-the receiver's answers go back out on the stream. Refusal, abort, invalid input, a broken
+**Destination** (:class:`IncomingMigration`): the Migration service of an incoming worker.
+It serves exactly one stream. A reader thread takes each message into the loop, through
+the receiver, and queues the receiver's answers; the handler's own thread writes them.
+grpcio's synchronous server only asks a handler for its next answer once the last one is
+written, so reading in that same thread would add a write to every batch's turn. Refusal,
+abort, invalid input, a message that does not decode (gRPC then ends the stream), a broken
 stream or :class:`~node.migration.MigrationReceiver`'s idle timeout discard the incoming VM
 (the worker then ends; the agent reports the VM failed with the reason).
 
@@ -60,21 +71,21 @@ from node.migration import (
     OutcomeUnknown,
     Pages,
     PauseVM,
-    Phase,
     ResumeVM,
     SendMessage,
     SetThrottle,
 )
-from node.migration.messages import Complete, DeviceState, Hello, Message
-from node.migration.wire import (
-    WireError,
-    destination_from_pb,
-    destination_to_pb,
-    source_from_pb,
-    source_to_pb,
-    status_to_pb,
+from node.migration.messages import (
+    Complete,
+    DestinationMessage,
+    DeviceState,
+    Hello,
+    Message,
+    SourceMessage,
 )
-from protos.ferry.v1 import migration_pb2, migration_pb2_grpc, types_pb2
+from node.migration.residency import AnonymousRAM
+from node.migration.wire import encode_source, migrate_call, migration_handler, status_to_pb
+from protos.ferry.v1 import types_pb2
 from vmcore.vm import VMState, config_hash
 
 if TYPE_CHECKING:
@@ -104,13 +115,6 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE),
 ]
 
-_FINAL = {
-    Phase.COMPLETED: types_pb2.MIGRATION_STATE_COMPLETED,
-    Phase.CANCELLED: types_pb2.MIGRATION_STATE_CANCELLED,
-    Phase.FAILED: types_pb2.MIGRATION_STATE_FAILED,
-    Phase.OUTCOME_UNKNOWN: types_pb2.MIGRATION_STATE_UNKNOWN,
-}
-
 
 def format_endpoint(host: str, port: int) -> str:
     """host:port, with an IPv6 literal in brackets as gRPC targets need it."""
@@ -124,6 +128,14 @@ class _Lost:
     """The reader thread's last word: the stream ended or broke."""
 
     detail: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _StreamEnd:
+    """The destination's reader thread is done; ``finished``: the receiver reached its end
+    (the guest runs here, or the migration failed) rather than the stream breaking."""
+
+    finished: bool
 
 
 class OutgoingMigration:
@@ -151,8 +163,10 @@ class OutgoingMigration:
             board_config=msgpack.packb(vm.config.to_dict(), use_bin_type=True),
             vm_name=worker.name,
             options=options,
+            # GuestRAM is a private anonymous mapping: pages it never backed read as zero.
+            never_backed=AnonymousRAM(vm.ram.view).never_backed,
         )
-        self._outbox: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._inbox_in, self._inbox = trio.open_memory_channel[Message | _Lost](math.inf)
         self._call: Any = None
         self._rounds_seen: set[int] = set()
@@ -175,8 +189,6 @@ class OutgoingMigration:
             error=self.sender.reason,
             destination=self.endpoint,
         )
-        if self.sender.phase in _FINAL:
-            status.status = _FINAL[self.sender.phase]
         status.paused_at = self.paused_at
         status.resumed_at = self.resumed_at
         return status
@@ -192,14 +204,6 @@ class OutgoingMigration:
 
     # -- the stream ----------------------------------------------------------------------
 
-    def _requests(self) -> Iterator[migration_pb2.SourceMessage]:
-        # Runs in grpcio's request thread: the blocking get never holds up the trio loop,
-        # and building the protobuf (a copy of each ~1 MiB payload) happens here, off the
-        # vCPU's loop. A batch's payload is the sender's own copy of the pages, never a
-        # view of guest RAM, so it cannot change while it waits in the queue.
-        while (message := self._outbox.get()) is not None:
-            yield source_to_pb(message)  # type: ignore[arg-type]
-
     def _post(self, message: Message | _Lost) -> None:
         with contextlib.suppress(trio.ClosedResourceError):
             self._inbox_in.send_nowait(message)
@@ -210,11 +214,10 @@ class OutgoingMigration:
         detail = "the destination closed the stream"
         try:
             for reply in call:
-                token.run_sync_soon(self._post, destination_from_pb(reply))
+                token.run_sync_soon(self._post, reply)
         except grpc.RpcError as e:
+            # An answer that does not decode ends the call too (INTERNAL).
             detail = f"{e.code().name}: {e.details()}"
-        except WireError as e:
-            detail = str(e)
         except trio.RunFinishedError:
             return
         with contextlib.suppress(trio.RunFinishedError):
@@ -224,8 +227,8 @@ class OutgoingMigration:
         """Drive the migration to its end; the VM runs its slices in between."""
         channel = grpc.insecure_channel(self.endpoint, options=_CHANNEL_OPTIONS)
         try:
-            stub = migration_pb2_grpc.MigrationStub(channel)
-            self._call = stub.Migrate(self._requests())
+            # grpcio's request thread blocks in the queue's get, never in the trio loop.
+            self._call = migrate_call(channel, encoded=True)(iter(self._outbox.get, None))
             threading.Thread(
                 target=self._read,
                 args=(self._call, trio.lowlevel.current_trio_token()),
@@ -323,7 +326,8 @@ class OutgoingMigration:
         if not self._outstanding:
             self._outstanding = True
             self._waiting_since = time.monotonic()
-        self._outbox.put(message)
+        # Now, before the guest runs again: a batch's payload may be a view of its RAM.
+        self._outbox.put(encode_source(message))  # type: ignore[arg-type]
 
     def _fault_at(self, point: str) -> None:
         """A test fault (FERRY_FAULT) just before this point's message leaves. A dropped
@@ -336,7 +340,7 @@ class OutgoingMigration:
         self._do(self.sender.connection_lost("fault injected: stream dropped"))
 
 
-class IncomingMigration(migration_pb2_grpc.MigrationServicer):
+class IncomingMigration:
     """The destination end: one stream into an incoming worker's VM."""
 
     def __init__(
@@ -360,7 +364,13 @@ class IncomingMigration(migration_pb2_grpc.MigrationServicer):
             restore=self._restore,
             window=WINDOW,
             idle_timeout_s=timeout_s,
+            # GuestRAM is private anonymous memory: have each batch's pages backed at once.
+            before_write=AnonymousRAM(worker.vm.ram.view).back,
         )
+
+    def rpc_handler(self) -> grpc.GenericRpcHandler:
+        """The ``Migration`` service to register on the incoming worker's gRPC server."""
+        return migration_handler(self.migrate)
 
     # -- in the trio loop ----------------------------------------------------------------
 
@@ -373,11 +383,11 @@ class IncomingMigration(migration_pb2_grpc.MigrationServicer):
         worker.vm.resume()
         worker.wake()
 
-    def _carry_out(self, actions: list[Action]) -> list[migration_pb2.DestinationMessage]:
-        replies = []
+    def _carry_out(self, actions: list[Action]) -> list[DestinationMessage]:
+        replies: list[DestinationMessage] = []
         for action in actions:
             if isinstance(action, SendMessage):
-                replies.append(destination_to_pb(action.message))  # type: ignore[arg-type]
+                replies.append(action.message)  # type: ignore[arg-type]
             elif isinstance(action, DiscardVM):
                 log.warning("incoming migration failed: %s", action.reason)
                 self._worker.discard(action.reason)
@@ -386,7 +396,7 @@ class IncomingMigration(migration_pb2_grpc.MigrationServicer):
                 self._worker.stop_incoming_server()
         return replies
 
-    def _handle(self, message: object) -> tuple[list[migration_pb2.DestinationMessage], bool]:
+    def _handle(self, message: object) -> tuple[list[DestinationMessage], bool]:
         return self._carry_out(self.receiver.receive(message)), self.receiver.finished
 
     def _lost(self, detail: str) -> None:
@@ -400,11 +410,10 @@ class IncomingMigration(migration_pb2_grpc.MigrationServicer):
 
     # -- in grpcio's handler thread --------------------------------------------------------
 
-    def Migrate(
-        self,
-        request_iterator: Iterator[migration_pb2.SourceMessage],
-        context: grpc.ServicerContext,
-    ) -> Iterator[migration_pb2.DestinationMessage]:
+    def migrate(
+        self, requests: Iterator[SourceMessage], context: grpc.ServicerContext
+    ) -> Iterator[DestinationMessage]:
+        """The stream's handler: answers written here while a reader thread reads."""
         with self._lock:
             claimed, self._claimed = self._claimed, True
         if claimed:
@@ -412,32 +421,50 @@ class IncomingMigration(migration_pb2_grpc.MigrationServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "this incoming VM already has its migration stream",
             )
+        answers: queue.SimpleQueue[DestinationMessage | _StreamEnd] = queue.SimpleQueue()
+        threading.Thread(
+            target=self._read, args=(requests, answers), name="migration-in-reader", daemon=True
+        ).start()
+        while not isinstance(answer := answers.get(), _StreamEnd):
+            yield answer
+        fault = self._fault
+        if (
+            answer.finished
+            and fault is not None
+            and fault.side == "dst"
+            and fault.point == "resumed"
+        ):
+            time.sleep(0.2)  # let Resumed reach the source first
+            fault.at("dst", "resumed")
+
+    def _read(
+        self,
+        requests: Iterator[SourceMessage],
+        answers: queue.SimpleQueue[DestinationMessage | _StreamEnd],
+    ) -> None:
         run = trio.from_thread.run_sync
         detail = "the source closed the stream"
+        finished = False
         try:
-            for request in request_iterator:
-                try:
-                    message: object = source_from_pb(request)
-                except WireError as e:
-                    message = e  # the receiver refuses what it does not know
-                message, drop = self._inject(message)
-                if drop:
-                    detail = "fault injected: stream dropped"
-                    break
-                replies, finished = run(self._handle, message, trio_token=self._trio_token)
-                yield from replies
-                if finished:
-                    fault = self._fault
-                    if fault is not None and (fault.side, fault.point) == ("dst", "resumed"):
-                        time.sleep(0.2)  # let Resumed reach the source first
-                        fault.at("dst", "resumed")
-                    return
-        except grpc.RpcError as e:
-            detail = f"{e.code().name}: {e.details()}" if hasattr(e, "code") else "stream broke"
-        except trio.RunFinishedError:
-            return
-        with contextlib.suppress(trio.RunFinishedError):
+            try:
+                for request in requests:
+                    message, drop = self._inject(request)
+                    if drop:
+                        detail = "fault injected: stream dropped"
+                        break
+                    replies, finished = run(self._handle, message, trio_token=self._trio_token)
+                    for reply in replies:
+                        answers.put(reply)
+                    if finished:
+                        return
+            except grpc.RpcError as e:
+                # A message that does not decode ends the stream here too (INTERNAL).
+                detail = f"{e.code().name}: {e.details()}" if hasattr(e, "code") else "stream broke"
             run(self._lost, detail, trio_token=self._trio_token)
+        except trio.RunFinishedError:
+            pass
+        finally:
+            answers.put(_StreamEnd(finished))
 
     def _inject(self, message: object) -> tuple[object, bool]:
         """Apply a test fault (FERRY_FAULT) at this message's point; (message, drop)."""

@@ -51,7 +51,7 @@ from node.migration_endpoint import (
     format_endpoint,
 )
 from node.vmdir import VMDir
-from protos.ferry.v1 import migration_pb2_grpc, types_pb2, worker_pb2, worker_pb2_grpc
+from protos.ferry.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from vmcore.loader import LoaderError
 from vmcore.vm import VM, VMConfig, VMState, VMStateError
 
@@ -306,7 +306,7 @@ class Worker:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        migration_pb2_grpc.add_MigrationServicer_to_server(incoming, server)
+        server.add_generic_rpc_handlers((incoming.rpc_handler(),))
         try:
             port = server.add_insecure_port(format_endpoint(host, 0))
         except RuntimeError:

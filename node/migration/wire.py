@@ -67,8 +67,9 @@ _REFUSAL_TO_PB = {
 _REFUSAL_FROM_PB = {v: k for k, v in _REFUSAL_TO_PB.items()}
 
 
-# query-migrate status → the API's MigrationState. "outcome-unknown" has no state of its
-# own in types.proto: it is reported as failed, with the reason saying the source is paused.
+# query-migrate status → the API's MigrationState. "outcome-unknown" (the source sent its
+# last message and never heard whether the destination resumed) is the API's UNKNOWN: the
+# coordinator must ask the destination before it may restart or free either copy.
 _STATE_TO_PB = {
     "setup": types_pb2.MIGRATION_STATE_SETUP,
     "active": types_pb2.MIGRATION_STATE_ACTIVE,
@@ -77,7 +78,7 @@ _STATE_TO_PB = {
     "completed": types_pb2.MIGRATION_STATE_COMPLETED,
     "cancelled": types_pb2.MIGRATION_STATE_CANCELLED,
     "failed": types_pb2.MIGRATION_STATE_FAILED,
-    "outcome-unknown": types_pb2.MIGRATION_STATE_FAILED,
+    "outcome-unknown": types_pb2.MIGRATION_STATE_UNKNOWN,
 }
 
 
@@ -427,12 +428,20 @@ def decode_destination(data: bytes) -> DestinationMessage:
     return destination_from_pb(message)
 
 
-def migrate_call(channel: grpc.Channel) -> grpc.StreamStreamMultiCallable:
+def _already_encoded(data: bytes) -> bytes:
+    return data
+
+
+def migrate_call(channel: grpc.Channel, *, encoded: bool = False) -> grpc.StreamStreamMultiCallable:
     """The client end of ``Migration.Migrate`` carrying dataclasses, serialised by
-    :func:`encode_source` in gRPC's request thread (off the caller's loop)."""
+    :func:`encode_source` in gRPC's request thread (off the caller's loop).
+
+    With ``encoded`` the caller passes the bytes :func:`encode_source` made. That is for a
+    caller whose batches are views of guest RAM that the guest may write again before gRPC's
+    thread gets round to them: it encodes each batch as it is sent, and gRPC only writes."""
     return channel.stream_stream(
         MIGRATE_METHOD,
-        request_serializer=encode_source,
+        request_serializer=_already_encoded if encoded else encode_source,
         response_deserializer=decode_destination,
     )
 
