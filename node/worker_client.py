@@ -29,18 +29,35 @@ class WorkerClient:
         self.target = f"unix:{vm_dir.socket}"
         self.channel = grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
+        self.closed = False
 
     def close(self) -> None:
+        self.closed = True
         self.channel.close()
+
+    def _ended(self) -> AgentError:
+        return AgentError(
+            grpc.StatusCode.UNAVAILABLE, f"the worker of VM {self.vm_dir.name!r} has ended"
+        )
 
     async def _call(self, method: str, request: Any, timeout: float, ready: bool = False) -> Any:
         fn = functools.partial(
             getattr(self.stub, method), request, timeout=timeout, wait_for_ready=ready
         )
+        # The agent closes this channel the moment the worker's process ends, which can fall
+        # between a handler's look at the record and the call running in its thread: grpc
+        # then raises ValueError (not yet started) or CANCELLED (in flight). Both mean the
+        # worker is gone, which callers already handle as an unreachable worker.
         try:
             return await trio.to_thread.run_sync(fn, abandon_on_cancel=True)
+        except ValueError:
+            if self.closed:
+                raise self._ended() from None
+            raise
         except grpc.RpcError as e:
             code = e.code()
+            if self.closed and code == grpc.StatusCode.CANCELLED:
+                raise self._ended() from None
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise AgentError(
                     grpc.StatusCode.UNAVAILABLE,

@@ -11,9 +11,13 @@ from typing import Any
 
 import grpc
 import pytest
+import trio
 from cluster import GUESTS, Cluster, NodeProcess
 from elfgen import EM_X86_64, make_elf
 
+from node.errors import AgentError
+from node.vmdir import VMDir
+from node.worker_client import WorkerClient
 from protos.ferry.v1 import node_pb2, types_pb2
 
 
@@ -190,3 +194,14 @@ def test_ferry_node_command_line_errors_are_one_line(
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1].startswith(message)
     assert "Traceback" not in result.stderr
+
+
+def test_a_call_to_a_worker_that_just_ended_is_unavailable_not_internal(tmp_path: Path) -> None:
+    """The agent closes a worker's channel when its process ends; a GetVM racing that must
+    still answer (from the final status), so the closed channel must read as a gone worker."""
+    client = WorkerClient(VMDir(tmp_path, "gone"))
+    client.close()
+    with pytest.raises(AgentError) as e:
+        trio.run(client.status)
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE
+    assert e.value.message == "the worker of VM 'gone' has ended"
