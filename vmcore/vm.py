@@ -222,8 +222,12 @@ class VM:
             )
         if state.get("config_hash") != config_hash(self.config):
             raise ValueError("saved VM state belongs to a different board configuration")
-        self.machine.restore(state["machine"])
+        # The hart first: the devices then drive its interrupt lines from their restored
+        # state. The other way round, the hart's saved mip would overwrite a line that a
+        # device raised on restore (a CLINT deadline that passed after the last check
+        # before the save) while the device believes it raised it: the interrupt is lost.
         self.machine.hart.restore(state["hart"])
+        self.machine.restore(state["machine"])
         self.machine.pause()
         self.exit_code = state.get("exit_code")
         self.state = VMState.PAUSED
