@@ -181,6 +181,18 @@ class NodeProcess:
             time.sleep(0.05)
 
 
+def prepare(
+    destination: NodeProcess, spec: types_pb2.VMSpec, incoming_timeout: float = 0.0
+) -> node_pb2.PrepareIncomingResponse:
+    """Start the destination's incoming worker for ``spec``. A guest that runs a fixed
+    number of ticks should be prepared for before it starts: the worker takes a second or
+    more to come up on a loaded machine, and the guest must not finish before it moves."""
+    prepared: node_pb2.PrepareIncomingResponse = destination.stub.PrepareIncoming(
+        node_pb2.PrepareIncomingRequest(spec=spec, timeout_s=incoming_timeout), timeout=60
+    )
+    return prepared
+
+
 def migrate(
     source: NodeProcess,
     destination: NodeProcess,
@@ -189,13 +201,13 @@ def migrate(
     *,
     token: bytes = b"",
     incoming_timeout: float = 0.0,
+    prepared: node_pb2.PrepareIncomingResponse | None = None,
 ) -> types_pb2.MigrationStatus:
     """Live-migrate ``name`` node to node as the coordinator does (PrepareIncoming on the
-    destination, StartMigration on the source) and return the source's final status."""
-    spec = source.get(name).spec
-    prepared = destination.stub.PrepareIncoming(
-        node_pb2.PrepareIncomingRequest(spec=spec, timeout_s=incoming_timeout), timeout=60
-    )
+    destination unless ``prepared`` says it was done, StartMigration on the source) and
+    return the source's final status."""
+    if prepared is None:
+        prepared = prepare(destination, source.get(name).spec, incoming_timeout)
     source.stub.StartMigration(
         node_pb2.StartMigrationRequest(
             name=name,

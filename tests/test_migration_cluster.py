@@ -20,6 +20,7 @@ from cluster import (
     Cluster,
     assert_keeps_running_on,
     migrate,
+    prepare,
     start_dirtier,
     state,
     ticks,
@@ -47,9 +48,11 @@ def cluster() -> Iterator[Cluster]:
 
 def test_a_migrated_dirtier_keeps_its_ticks_sums_and_console(cluster: Cluster) -> None:
     a, b = cluster.node("node-a"), cluster.node("node-b")
-    a.create("vm", DIRTIER, memory=64 << 20, append="wss=8 rate=20 ticks=25")
+    a.create("vm", DIRTIER, memory=64 << 20, append="wss=8 rate=20 ticks=25", start=False)
+    prepared = prepare(b, a.get("vm").spec)  # before the guest's 2.5 s start to run out
+    a.stub.StartVM(node_pb2.VMRef(name="vm"), timeout=60)
     wait_ticks(a, "vm", 3)
-    final = migrate(a, b, "vm")
+    final = migrate(a, b, "vm", prepared=prepared)
     assert final.status == COMPLETED, final.error
     assert final.total == 64 << 20 and final.transferred >= 8 << 20
     assert final.downtime_ms > 0 and final.dirty_sync_count >= 2
@@ -80,10 +83,14 @@ def test_a_migrated_deterministic_vm_prints_exactly_what_an_unmigrated_one_does(
 ) -> None:
     a, b = cluster.node("node-a"), cluster.node("node-b")
     append = "wss=2 rate=20 ticks=12"
+    a.create("mig", DIRTIER, memory=MEMORY, append=append, deterministic=True, start=False)
+    # Prepared before the guest runs: it is done after a few CPU seconds, and the incoming
+    # worker's start-up competes for the same cores.
+    prepared = prepare(b, a.get("mig").spec)
     a.create("ref", DIRTIER, memory=MEMORY, append=append, deterministic=True)
-    a.create("mig", DIRTIER, memory=MEMORY, append=append, deterministic=True)
+    a.stub.StartVM(node_pb2.VMRef(name="mig"), timeout=60)
     wait_ticks(a, "mig", 3)
-    final = migrate(a, b, "mig")
+    final = migrate(a, b, "mig", prepared=prepared)
     assert final.status == COMPLETED, final.error
     assert b.wait_state("mig", types_pb2.VM_STATE_STOPPED).exit_code == 0
     assert a.wait_state("ref", types_pb2.VM_STATE_STOPPED).exit_code == 0
