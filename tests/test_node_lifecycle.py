@@ -103,7 +103,8 @@ def test_guest_poweroff_and_failure_end_the_vm_stopped_with_its_exit_code(
 
 def test_snapshot_and_restore_as_a_new_vm(cluster: Cluster) -> None:
     node = cluster.node()
-    node.create("src", GUESTS / "ticker.elf", append="ticks=6")
+    node.create("src", GUESTS / "ticker.elf", append="ticks=10")
+    # Ten ticks (1 s of guest time) leave a generous margin for the pause after tick 1.
     _wait_console(node, "src", b"tick 1 ")
     node.stub.PauseVM(node_pb2.VMRef(name="src"))
     path = str(cluster.root / "src.snap")
@@ -113,11 +114,11 @@ def test_snapshot_and_restore_as_a_new_vm(cluster: Cluster) -> None:
 
     restored = node.stub.Restore(node_pb2.RestoreRequest(name="copy", path=path, start=True))
     assert restored.spec.memory_bytes == 16 << 20
-    assert restored.spec.append == "ticks=6"
+    assert restored.spec.append == "ticks=10"
     node.wait_state("copy", S.VM_STATE_STOPPED)
     copy_out, _ = node.console("copy")
     # The copy continues exactly where the snapshot was taken (even mid-line).
     lines = (src_out + copy_out).decode().splitlines()
-    assert [line.split()[:2] for line in lines[:-1]] == [["tick", str(i)] for i in range(6)]
-    assert lines[-1] == "ticker: done after 6 ticks"
+    assert [line.split()[:2] for line in lines[:-1]] == [["tick", str(i)] for i in range(10)]
+    assert lines[-1] == "ticker: done after 10 ticks"
     assert lines[0] == "tick 0 sum=0xe220a8397b1dcdaf"
