@@ -347,6 +347,18 @@ class Agent:
 
     # -- the API -----------------------------------------------------------------------
 
+    def _new_record(self, spec: types_pb2.VMSpec) -> VMRecord:
+        """A fresh data directory and record for an admitted spec; files left by an earlier
+        VM of the same name (destroyed, or migrated away) go first."""
+        vm_dir = VMDir(self.data_dir, spec.name)
+        if vm_dir.path.exists():
+            shutil.rmtree(vm_dir.path)
+        vm_dir.create()
+        vm_dir.write_spec(spec)
+        record = VMRecord(vm_dir, spec, created_at=time.time())
+        self.vms[spec.name] = record
+        return record
+
     async def create_vm(self, spec: types_pb2.VMSpec, start: bool) -> types_pb2.VMInfo:
         spec = check_spec(spec)
         async with self._admission:
@@ -355,13 +367,7 @@ class Agent:
                     grpc.StatusCode.ALREADY_EXISTS, f"a VM named {spec.name!r} already exists"
                 )
             self._admit(spec)
-            vm_dir = VMDir(self.data_dir, spec.name)
-            if vm_dir.path.exists():
-                shutil.rmtree(vm_dir.path)
-            vm_dir.create()
-            vm_dir.write_spec(spec)
-            record = VMRecord(vm_dir, spec, created_at=time.time())
-            self.vms[spec.name] = record
+            record = self._new_record(spec)
             try:
                 await self._spawn(record, start=start)
             except BaseException:
@@ -369,7 +375,7 @@ class Agent:
                 if record.has_worker:
                     record.expected_exit = True
                     supervisor.kill(record.pid)
-                shutil.rmtree(vm_dir.path, ignore_errors=True)
+                shutil.rmtree(record.vm_dir.path, ignore_errors=True)
                 raise
         log.info("VM %s: created (%d MiB), start=%s", spec.name, spec.memory_bytes >> 20, start)
         return self._info(record)
@@ -407,7 +413,7 @@ class Agent:
                     record.expected_exit = True
                     supervisor.kill(record.pid)
                     await record.exited.wait()
-                shutil.rmtree(vm_dir.path, ignore_errors=True)
+                shutil.rmtree(record.vm_dir.path, ignore_errors=True)
                 raise
         log.info("VM %s: restored from %s", name, path)
         return self._info(record)
@@ -448,13 +454,7 @@ class Agent:
                     )
                 del self.vms[spec.name]
             self._admit(spec)
-            vm_dir = VMDir(self.data_dir, spec.name)
-            if vm_dir.path.exists():
-                shutil.rmtree(vm_dir.path)
-            vm_dir.create()
-            vm_dir.write_spec(spec)
-            record = VMRecord(vm_dir, spec, created_at=time.time())
-            self.vms[spec.name] = record
+            record = self._new_record(spec)
             try:
                 await self._spawn(record, start=False, incoming=True)
                 if record.client is None:
@@ -470,7 +470,7 @@ class Agent:
                     record.expected_exit = True
                     supervisor.kill(record.pid)
                     await record.exited.wait()
-                shutil.rmtree(vm_dir.path, ignore_errors=True)
+                shutil.rmtree(record.vm_dir.path, ignore_errors=True)
                 raise
         if advertised != bind_host:
             endpoint = f"{advertised}:{endpoint.rpartition(':')[2]}"
