@@ -32,7 +32,12 @@ Both sides use a 300 ms downtime limit and unlimited bandwidth (QEMU's default c
 converge ends by Ferry's policy (throttle, raise the downtime budget, cancel), and a QEMU
 migration still running at the timeout is cancelled. Never pass/fail: exits 0.
 
-``--quick`` runs two small cases once (a smoke run); ``--no-nodes`` leaves out ferry-node.
+The last two cases cannot converge on their own (a working set rewritten faster than the
+capped link carries it); they show how each VMM ends such a migration, with auto-converge
+(vCPU throttling) on and off.
+
+``--quick`` runs two small cases once (a smoke run); ``--policy`` runs only the two cases
+that cannot converge on their own; ``--no-nodes`` leaves out ferry-node.
 """
 
 from __future__ import annotations
@@ -465,6 +470,8 @@ class VMHost:
         timeout_s: float,
         slice_instructions: int = 0,
         encode_here: bool = True,
+        max_bandwidth: float = 0.0,
+        auto_converge: bool = True,
     ) -> dict[str, Any]:
         """Migrate the running VM to ``port``, running guest slices between the steps.
 
@@ -485,7 +492,12 @@ class VMHost:
             vm.save_state,
             token=TOKEN,
             config_hash=config_hash(vm.config),
-            options=MigrationOptions(max_downtime_ms=DOWNTIME_MS, timeout_s=timeout_s),
+            options=MigrationOptions(
+                max_downtime_ms=DOWNTIME_MS,
+                timeout_s=timeout_s,
+                max_bandwidth=max_bandwidth,
+                auto_converge=auto_converge,
+            ),
             # GuestRAM is a private anonymous mapping, so the residency hint holds.
             never_backed=AnonymousRAM(vm.ram.view).never_backed,
         )
@@ -631,8 +643,17 @@ class Result:
 def ferry_migrate(source: HostProcess, dest: HostProcess, case: Case) -> Result:
     dest.conn.send(("receive", (case.ram_mib, case.wss, case.rate)))
     port = dest.result(60)["port"]
-    sent = source.call("send", port, CASE_TIMEOUT_S, timeout=CASE_TIMEOUT_S + 60)
-    received = dest.result(CASE_TIMEOUT_S + 60)
+    sent = source.call(
+        "send",
+        port,
+        case.timeout_s,
+        0,
+        True,
+        case.cap_mbs * 1e6,
+        case.auto_converge,
+        timeout=case.timeout_s + 60,
+    )
+    received = dest.result(case.timeout_s + 60)
     if "error" in sent:
         return Result("error", 0, 0, 0, 0, note=sent["error"])
     stats = sent["stats"]
@@ -646,6 +667,7 @@ def ferry_migrate(source: HostProcess, dest: HostProcess, case: Case) -> Result:
             stats["transferred"],
             stats["dirty-sync-count"],
             round0,
+            guest_mips=sent["guest_mips"],
             note=sent["reason"][:90],
         )
     # Source pause to the destination's resume: both clocks are this host's monotonic one.
@@ -692,7 +714,12 @@ def ferry_nodes_case(case: Case, repeats: int) -> list[Result]:
             if time.monotonic() > deadline:
                 return [Result("error", 0, 0, 0, 0, note="guest never ticked on ferry-node")]
             time.sleep(0.1)
-        options = types_pb2.MigrationOptions(max_downtime_ms=int(DOWNTIME_MS), timeout_s=60)
+        options = types_pb2.MigrationOptions(
+            max_downtime_ms=int(DOWNTIME_MS),
+            timeout_s=int(case.timeout_s),
+            max_bandwidth=int(case.cap_mbs * 1e6),
+            auto_converge=case.auto_converge,
+        )
         source, dest = a, b
         for _ in range(repeats):
             status = cluster.migrate(source, dest, "vm", options)
@@ -799,7 +826,11 @@ def _qemu(case: Case, workdir: str, name: str, incoming: int | None) -> subproce
     ]  # fmt: skip
     if incoming is not None:
         args += ["-incoming", f"tcp:127.0.0.1:{incoming}"]
-    return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    # QEMU's own complaints (a destination whose migration was cancelled) go to its log.
+    with open(f"{workdir}/{name}.log", "wb") as log:
+        return subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log
+        )
 
 
 def _console(workdir: str, name: str) -> str:
@@ -823,10 +854,17 @@ def qemu_migrate(case: Case) -> Result:
         qmp_src = QMP(f"{workdir}/src.qmp")
         QMP(f"{workdir}/dst.qmp").close()
         qmp_src.execute(
-            "migrate-set-parameters", **{"max-bandwidth": 1 << 40, "downtime-limit": 300}
+            "migrate-set-capabilities",
+            capabilities=[{"capability": "auto-converge", "state": case.auto_converge}],
         )
+        bandwidth = int(case.cap_mbs * 1e6) if case.cap_mbs else 1 << 40
+        qmp_src.execute(
+            "migrate-set-parameters", **{"max-bandwidth": bandwidth, "downtime-limit": 300}
+        )
+        started = time.monotonic()
         qmp_src.execute("migrate", uri=f"tcp:127.0.0.1:{port}")
-        deadline = time.monotonic() + QEMU_TIMEOUT_S
+        limit = max(QEMU_TIMEOUT_S, case.timeout_s / 2)
+        deadline = time.monotonic() + limit
         note = ""
         while True:
             info = qmp_src.execute("query-migrate")
@@ -834,7 +872,7 @@ def qemu_migrate(case: Case) -> Result:
                 break
             if time.monotonic() > deadline:
                 qmp_src.execute("migrate_cancel")
-                note = f"cancelled after {QEMU_TIMEOUT_S:g} s"
+                note = f"still running after {limit:g} s: cancelled by the bench"
             time.sleep(0.005)
         ram = info.get("ram", {})
         ticks_before = _console(workdir, "dst").count("tick ")
@@ -843,9 +881,11 @@ def qemu_migrate(case: Case) -> Result:
         ok = info.get("status") == "completed" and after.count("tick ") > ticks_before
         if info.get("status") == "completed" and not ok:
             note = "destination printed no tick after resuming (QEMU 7.2 timer quirk)"
+        # A cancelled migration reports no total-time: the bench's own clock stands in.
+        total = info.get("total-time", (time.monotonic() - started) * 1000)
         return Result(
             str(info.get("status")),
-            float(info.get("total-time", 0)),
+            float(total),
             float(info.get("downtime", 0)),
             int(ram.get("transferred", 0)),
             int(ram.get("dirty-sync-count", 0)),
@@ -868,11 +908,24 @@ class Case:
     ram_mib: int
     wss: int
     rate: int  # pages per ms of guest time: 0, 1 (4 MB/s), 16 (64 MB/s)
+    # A bandwidth cap in MB/s (0: unlimited) and auto-converge (vCPU throttling) on or off.
+    # A cap below the dirty rate makes a case that cannot converge on its own, to show how
+    # each VMM ends it: Ferry by its policy (throttle, raise the downtime budget, cancel).
+    cap_mbs: float = 0.0
+    auto_converge: bool = True
 
     @property
     def label(self) -> str:
         ram = f"{self.ram_mib // 1024} GiB" if self.ram_mib >= 1024 else f"{self.ram_mib} MiB"
-        return f"{ram:>7} {self.wss:>4} MiB {self.rate * 4:>3} MB/s"
+        label = f"{ram:>7} {self.wss:>4} MiB {self.rate * 4:>3} MB/s"
+        if self.cap_mbs:
+            label += f" cap {self.cap_mbs:g} MB/s" + ("" if self.auto_converge else " no AC")
+        return label
+
+    @property
+    def timeout_s(self) -> float:
+        """Policy cases need many slow rounds; the others end in well under a second."""
+        return 120.0 if self.cap_mbs else CASE_TIMEOUT_S
 
 
 @dataclass
@@ -981,7 +1034,14 @@ def main() -> None:
     )
     sys.stdout.flush()
 
-    if quick:
+    # A 4 MiB working set rewritten at 64 MB/s over a link capped at 2 MB/s: every round
+    # leaves the whole working set dirty, and sending it would take ~2 s of downtime, above
+    # the highest budget Ferry's policy will raise to. With auto-converge the throttled
+    # guest dirties less and the migration converges; without, the policy must cancel.
+    policy = [Case(256, 4, 16, cap_mbs=2.0, auto_converge=ac) for ac in (True, False)]
+    if "--policy" in sys.argv:
+        cases = policy
+    elif quick:
         cases = [Case(256, 16, rate) for rate in (0, 16)]
     else:
         cases = [
@@ -989,11 +1049,11 @@ def main() -> None:
             for ram in (256, 1024)
             for wss in (16, 128)
             for rate in (0, 1, 16)
-        ]
-    repeats = 1 if quick else 3
+        ] + policy
+    repeats = 1 if quick or cases is policy else 3
     print(
-        f"\ndirtier migrated on this host, downtime limit {DOWNTIME_MS:g} ms, unlimited bandwidth; "
-        f"median of {repeats} by total time; ratios are Ferry/QEMU"
+        f"\ndirtier migrated on this host, downtime limit {DOWNTIME_MS:g} ms, unlimited bandwidth "
+        f"unless a cap is shown; median of {repeats} by total time; ratios are Ferry/QEMU"
     )
     rows = []
     t0 = time.monotonic()
@@ -1012,7 +1072,8 @@ def main() -> None:
     print_table(rows)
     round0 = [
         r.round0_mbs * 1e6
-        for _, res in rows
+        for case, res in rows
+        if not case.cap_mbs
         for r in res.ferry
         if r.status == "completed" and r.round0_mbs
     ]
