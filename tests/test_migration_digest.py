@@ -76,3 +76,49 @@ def test_incremental_digest_equals_digest_of_the_final_ram(
             pages[idx, : fill * 7] = fill + idx[:, None] % 5
         digest.update(idx, pages[idx])
     assert digest.value == ram_digest(memoryview(ram))
+
+
+def _random_ram(seed: int = 2) -> bytearray:
+    return bytearray(np.random.default_rng(seed).integers(0, 256, PAGES * PAGE, dtype=np.uint8))
+
+
+def test_a_flipped_bit_in_any_word_of_a_page_is_detected() -> None:
+    ram = _random_ram()
+    before = ram_digest(memoryview(ram))
+    for offset in range(7, PAGE, 509):
+        ram[3 * PAGE + offset] ^= 0x80
+        assert ram_digest(memoryview(ram)) != before, offset
+        ram[3 * PAGE + offset] ^= 0x80
+
+
+def test_pages_that_swapped_places_are_detected() -> None:
+    ram = _random_ram()
+    before = ram_digest(memoryview(ram))
+    first, second = ram[2 * PAGE : 3 * PAGE], ram[9 * PAGE : 10 * PAGE]
+    ram[2 * PAGE : 3 * PAGE], ram[9 * PAGE : 10 * PAGE] = second, first
+    assert ram_digest(memoryview(ram)) != before
+
+
+def test_a_lost_page_or_a_lost_zero_marker_is_detected() -> None:
+    ram = _random_ram()
+    pages = np.frombuffer(ram, dtype=np.uint8).reshape(PAGES, PAGE)
+    sent = MemoryDigest(PAGES)
+    sent.update(np.arange(PAGES), pages)
+    lost = MemoryDigest(PAGES)
+    lost.update(np.arange(1, PAGES), pages[1:])
+    assert lost.value != sent.value
+    # The source zeroes page 4 and says so; the destination never hears of it.
+    sent.update_zero(np.array([4]))
+    lost.update(np.array([0]), pages[:1])
+    assert lost.value != sent.value
+
+
+def test_a_contribution_is_zero_exactly_for_zero_pages() -> None:
+    """The sender learns which pages of a batch are zero from their contributions."""
+    data = np.frombuffer(_random_ram(), dtype=np.uint8).reshape(PAGES, PAGE).copy()
+    data[::3] = 0
+    data[1, PAGE - 1] = 0
+    data[2, :] = 0
+    data[2, PAGE - 1] = 1
+    hashes = page_hashes(np.arange(PAGES), data)
+    assert ((hashes == 0) == ~data.any(axis=1)).all()

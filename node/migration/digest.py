@@ -7,14 +7,25 @@ pages may arrive in any order; and because the per-page hashes are kept in an ar
 sent again simply replaces its old contribution. At switchover only the final round's pages
 are hashed.
 
-An all-zero page contributes 0 by definition, without being hashed, so zeroed RAM digests to
-0 and both ends can start from an empty state. A non-zero page whose xxh3 happens to be 0 is
-mapped to 1, which makes "contribution is 0" mean exactly "the page is zero"; the sender uses
-that to know which pages the destination holds as non-zero.
+A page's contribution is ``mix(xxh3_64(contents) ^ key(page number))``, where ``mix`` is a
+bijective 64-bit finaliser. Why this is enough: the digest's job is to catch pages corrupted,
+lost or misplaced between the two ends (the stream is already authenticated by the one-time
+token, so the peer is not an adversary). A changed page changes its xxh3 except with
+probability ~2^-64, and ``mix`` is a bijection for a given page number, so its contribution
+changes too; a lost page or a lost zero marker leaves a contribution that differs from the
+other end's; two pages that swapped places are caught because the page number enters
+*before* the non-linear ``mix`` (a plain sum of per-content hashes would not see a swap).
 
-Keying by page number (the xxh3 seed) makes two pages that swapped places change the digest.
-The digest detects corruption and lost pages, not a malicious peer: the stream is already
-authenticated by the one-time token.
+Why this shape rather than xxh3 seeded with the page number: every page must be hashed
+anyway, and with one unseeded xxh3 the hash also says whether the page is all zero (it is
+then exactly the hash of a zero page), so neither end reads a page a second time just to
+look for zeros. A page whose hash matches the zero page's is confirmed by reading it, so a
+guest that crafted an xxh3 collision with the zero page still cannot make its page skipped.
+
+An all-zero page contributes 0 by definition, so zeroed RAM digests to 0 and both ends can
+start from an empty state. A non-zero page whose mixed hash happens to be 0 is mapped to 1,
+which makes "contribution is 0" mean exactly "the page is zero"; the sender uses that to know
+which pages the destination holds as non-zero, and which pages of a batch became zero.
 """
 
 from __future__ import annotations
@@ -23,41 +34,46 @@ import numpy as np
 import xxhash
 
 _MASK = (1 << 64) - 1
+# Odd 64-bit constants: the page-number key multiplier and the finaliser's multipliers (the
+# widely used MurmurHash3 fmix64 ones, chosen for avalanche; any odd constants are bijective).
+_PAGE_KEY = np.uint64(0x9E3779B97F4A7C15)
+_MIX_1 = np.uint64(0xFF51AFD7ED558CCD)
+_MIX_2 = np.uint64(0xC4CEB9FE1A85EC53)
+_SHIFT = np.uint64(33)
+_zero_page_hash: dict[int, int] = {}
 
 
-def page_hashes(
-    page_numbers: np.ndarray, data: np.ndarray, nonzero: np.ndarray | None = None
-) -> np.ndarray:
+def _zero_hash(page_size: int) -> int:
+    if page_size not in _zero_page_hash:
+        _zero_page_hash[page_size] = xxhash.xxh3_64_intdigest(bytes(page_size))
+    return _zero_page_hash[page_size]
+
+
+def page_hashes(page_numbers: np.ndarray, data: np.ndarray) -> np.ndarray:
     """The contribution of each page: ``data[i]`` holds the contents of ``page_numbers[i]``.
 
-    ``data`` is a 2-D uint8 array, one row per page. ``nonzero`` (a boolean per row) may be
-    passed by a caller that already scanned the rows for zero pages.
+    ``data`` is a 2-D uint8 array, one row per page. A contribution is 0 exactly where the
+    row is all zero, so callers learn which pages are zero without scanning them again.
     """
     count = len(page_numbers)
-    out = np.zeros(count, dtype=np.uint64)
     if count == 0:
-        return out
-    if nonzero is None:
-        rows = np.flatnonzero(data.view(np.uint64).any(axis=1))
-    else:
-        rows = np.flatnonzero(nonzero)
-    if not len(rows):
-        return out
-    size = data.shape[1]
-    flat = np.ascontiguousarray(data).reshape(-1).data
-    hash_page = xxhash.xxh3_64_intdigest
-    # xxhash has no vectorised form; one C call per non-zero page over a memoryview slice
-    # is the cheapest there is (numpy row views cost more than the hashing).
-    hashes = np.array(
-        [
-            hash_page(flat[row * size : (row + 1) * size], seed)
-            for row, seed in zip(rows.tolist(), page_numbers[rows].tolist(), strict=True)
-        ],
-        dtype=np.uint64,
-    )
-    hashes[hashes == 0] = 1
-    out[rows] = hashes
-    return out
+        return np.zeros(0, dtype=np.uint64)
+    if data.strides[1] != 1:
+        data = np.ascontiguousarray(data)
+    # xxhash has no vectorised form; mapping it over the rows (each a contiguous buffer)
+    # keeps the per-page cost to the C call, with no Python bytecode per page.
+    content = np.fromiter(map(xxhash.xxh3_64_intdigest, data), dtype=np.uint64, count=count)
+    x = content ^ (np.asarray(page_numbers).astype(np.uint64) * _PAGE_KEY)
+    x ^= x >> _SHIFT
+    x *= _MIX_1
+    x ^= x >> _SHIFT
+    x *= _MIX_2
+    x ^= x >> _SHIFT
+    x[x == 0] = 1
+    maybe_zero = np.flatnonzero(content == np.uint64(_zero_hash(data.shape[1])))
+    if len(maybe_zero):
+        x[maybe_zero[~data[maybe_zero].any(axis=1)]] = 0
+    return x
 
 
 class MemoryDigest:
@@ -82,7 +98,8 @@ class MemoryDigest:
 
     def update_zero(self, page_numbers: np.ndarray) -> None:
         """Record that the pages ``page_numbers`` are now all zero."""
-        self.set_hashes(page_numbers, np.zeros(len(page_numbers), dtype=np.uint64))
+        if len(page_numbers):
+            self.set_hashes(page_numbers, np.zeros(len(page_numbers), dtype=np.uint64))
 
     def set_hashes(self, page_numbers: np.ndarray, hashes: np.ndarray) -> None:
         """Replace the contributions of ``page_numbers`` by ``hashes`` (already computed)."""

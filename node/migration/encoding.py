@@ -99,14 +99,21 @@ def wire_size(batch: Pages) -> int:
 
 @dataclass(frozen=True)
 class DecodedBatch:
-    """A validated batch: ``data[i]`` (a row of uint8) is the new content of ``pages[i]``."""
+    """A validated batch: ``data[i]`` (a row of uint8) is the new content of ``pages[i]``.
+
+    ``run_start`` is the first page when ``pages`` is one run of consecutive pages in order
+    (the common case), so a receiver can write the batch as one slice; otherwise -1.
+    """
 
     pages: np.ndarray
     data: np.ndarray
     zero_pages: np.ndarray
+    run_start: int = -1
 
 
-def _page_array(values: object, what: str, limit: int, page_count: int) -> np.ndarray:
+def _page_array(values: object, what: str, limit: int, page_count: int) -> tuple[np.ndarray, bool]:
+    """The page numbers as int64, checked to be in range; and whether they are strictly
+    increasing (then distinct, and bounded by their ends)."""
     # Check the length before converting, so a giant list costs nothing.
     try:
         count = len(values)  # type: ignore[arg-type]
@@ -114,29 +121,48 @@ def _page_array(values: object, what: str, limit: int, page_count: int) -> np.nd
         raise BatchError(f"{what} is not a list of page numbers") from None
     if count > limit:
         raise BatchError(f"batch lists {count} {what}, at most {limit} allowed")
-    arr = np.asarray(values)
     if count == 0:
-        return np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.int64), True
+    arr = np.asarray(values)
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
         raise BatchError(f"{what} are not integers")
     # uint64 beyond int64's range would wrap; anything that large is out of range anyway.
     if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and int(arr.max()) >= page_count:
         raise BatchError(f"{what} include page {int(arr.max())}, RAM has {page_count} pages")
     arr = arr.astype(np.int64)
-    lo, hi = int(arr.min()), int(arr.max())
+    increasing = count < 2 or bool((arr[1:] > arr[:-1]).all())
+    if increasing:
+        lo, hi = int(arr[0]), int(arr[-1])
+    else:
+        lo, hi = int(arr.min()), int(arr.max())
     if lo < 0 or hi >= page_count:
         bad = lo if lo < 0 else hi
         raise BatchError(f"{what} include page {bad}, RAM has {page_count} pages")
-    return arr
+    return arr, increasing
+
+
+def _check_distinct(
+    pages: np.ndarray, sorted_pages: bool, zeros: np.ndarray, sorted_zeros: bool
+) -> None:
+    if sorted_pages and sorted_zeros:
+        # What our sender emits: two increasing lists, distinct unless they share a page.
+        if not len(pages) or not len(zeros):
+            return
+        slot = np.minimum(np.searchsorted(pages, zeros), len(pages) - 1)
+        if not (pages[slot] == zeros).any():
+            return
+    else:
+        every = np.concatenate((pages, zeros))
+        if len(np.unique(every)) == len(every):
+            return
+    raise BatchError("batch lists a page more than once")
 
 
 def decode_batch(batch: Pages, page_count: int, page_size: int = PAGE_SIZE) -> DecodedBatch:
     """Validate a batch from the wire and unpack its payload; raises :class:`BatchError`."""
-    pages = _page_array(batch.page_numbers, "data pages", MAX_DATA_PAGES, page_count)
-    zeros = _page_array(batch.zero_pages, "zero pages", MAX_ZERO_PAGES, page_count)
-    every = np.concatenate((pages, zeros))
-    if len(np.unique(every)) != len(every):
-        raise BatchError("batch lists a page more than once")
+    pages, sorted_pages = _page_array(batch.page_numbers, "data pages", MAX_DATA_PAGES, page_count)
+    zeros, sorted_zeros = _page_array(batch.zero_pages, "zero pages", MAX_ZERO_PAGES, page_count)
+    _check_distinct(pages, sorted_pages, zeros, sorted_zeros)
     expected = len(pages) * page_size
     payload = batch.payload
     if batch.encoding == Encoding.RAW:
@@ -155,7 +181,10 @@ def decode_batch(batch: Pages, page_count: int, page_size: int = PAGE_SIZE) -> D
     else:
         raise BatchError(f"unknown page encoding {batch.encoding!r}")
     data = np.frombuffer(raw, dtype=np.uint8).reshape(len(pages), page_size)
-    return DecodedBatch(pages=pages, data=data, zero_pages=zeros)
+    run_start = -1
+    if len(pages) and sorted_pages and int(pages[-1]) - int(pages[0]) == len(pages) - 1:
+        run_start = int(pages[0])
+    return DecodedBatch(pages=pages, data=data, zero_pages=zeros, run_start=run_start)
 
 
 @dataclass

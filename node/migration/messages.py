@@ -20,7 +20,9 @@ from enum import StrEnum
 
 import numpy as np
 
-PROTOCOL_VERSION = 1
+# 2: the memory digest hashes page contents unseeded and mixes the page number in after
+# (node.migration.digest); a version-1 peer would compute different digests.
+PROTOCOL_VERSION = 2
 
 
 class Encoding(StrEnum):

@@ -229,10 +229,16 @@ class MigrationReceiver:
             raise _Invalid(f"batch {batch.seq}: {exc}") from None
         if self._before_write is not None:
             self._before_write(decoded.pages)
-        self._pages[decoded.pages] = decoded.data
-        self._pages[decoded.zero_pages] = 0
+        if decoded.run_start >= 0:
+            # One run of pages (most batches): a slice is one memcpy, fancy indexing is not.
+            first = decoded.run_start
+            self._pages[first : first + len(decoded.pages)] = decoded.data
+        elif len(decoded.pages):
+            self._pages[decoded.pages] = decoded.data
+        if len(decoded.zero_pages):
+            self._pages[decoded.zero_pages] = 0
+            self.digest.update_zero(decoded.zero_pages)
         self.digest.update(decoded.pages, decoded.data)
-        self.digest.update_zero(decoded.zero_pages)
         self._round = batch.round
         self._expected_seq += 1
         self.batches += 1

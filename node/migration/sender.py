@@ -545,7 +545,8 @@ class MigrationSender:
     def _start_round(self, number: int, now: float, todo: np.ndarray | None = None) -> None:
         self._round = number
         self._scan_pos = 0
-        self._todo = np.zeros(0, dtype=np.int64) if todo is None else todo
+        # Sorted and distinct, so a batch is a run of RAM exactly when its ends say so.
+        self._todo = np.zeros(0, dtype=np.int64) if todo is None else np.unique(todo)
         self._todo_pos = 0
         self._round_start = now
         self._round_last_seq = self._next_seq - 1
@@ -580,12 +581,14 @@ class MigrationSender:
             first = self._scan_pos
             last = min(first + _SCAN_CHUNK, self._page_count)
             skip = self._never_backed(first, last) if self._never_backed else None
+            # A row's largest word is 0 only for a zero page; max is the cheapest numpy
+            # reduction that says so (any() first casts every word to a boolean).
             if skip is None or not skip.any():
-                nonzero = np.flatnonzero(self._words[first:last].any(axis=1)) + first
+                nonzero = np.flatnonzero(self._words[first:last].max(axis=1)) + first
             else:
                 # Reading a never-backed page would fault it in just to find zeros.
                 backed = np.flatnonzero(~skip) + first
-                nonzero = backed[self._words[backed].any(axis=1)]
+                nonzero = backed[self._words[backed].max(axis=1) != 0]
             self._duplicate += (last - first) - len(nonzero)
             self._round_zero += (last - first) - len(nonzero)
             self._scan_pos = last
@@ -598,31 +601,33 @@ class MigrationSender:
     def _next_pages(self, round_number: int) -> Pages | None:
         """Build the next batch of the current round, or None when it has no more."""
         while (candidates := self._next_candidates()) is not None:
-            if len(candidates) and (np.diff(candidates) == 1).all():
-                # A run of consecutive pages (most of round 0, often later rounds too):
-                # a view of RAM, so the payload is copied once, by the wire encoder. Should
-                # the guest write a page before that copy, the dirty log has it for the next
-                # round, which resends the page and its hash together.
+            count = len(candidates)
+            if count and int(candidates[-1]) - int(candidates[0]) == count - 1:
+                # A run of consecutive pages (candidates are sorted and distinct): a view of
+                # RAM, so the payload is copied once, by the wire encoder. Should the guest
+                # write a page before that copy, the dirty log has it for the next round,
+                # which resends the page and its hash together.
                 first = int(candidates[0])
-                data = self._pages[first : first + len(candidates)]
+                data = self._pages[first : first + count]
             else:
                 data = self._pages[candidates]
-            zero = ~data.view(np.uint64).any(axis=1)
-            # A zero page needs a marker only if the destination holds it as non-zero.
-            marker = zero & ~self.digest.is_zero(candidates)
-            self._duplicate += int(zero.sum())
-            self._round_zero += int(zero.sum())
-            zero_pages = candidates[marker]
-            keep = ~zero
-            if keep.all():
-                numbers, contents = candidates, data
+            # One pass over the pages: a contribution of 0 means the page is zero.
+            hashes = page_hashes(candidates, data)
+            if hashes.all():
+                numbers, contents, zero_pages = candidates, data, candidates[:0]
             else:
+                zero = hashes == 0
+                # A zero page needs a marker only if the destination holds it as non-zero.
+                zero_pages = candidates[zero & ~self.digest.is_zero(candidates)]
+                zero_count = int(zero.sum())
+                self._duplicate += zero_count
+                self._round_zero += zero_count
+                keep = ~zero
                 numbers, contents = candidates[keep], data[keep]
+            # Data pages get their hash, markers 0, and zero pages without one were 0 already.
+            self.digest.set_hashes(candidates, hashes)
             if not len(numbers) and not len(zero_pages):
                 continue
-            hashes = page_hashes(numbers, contents, nonzero=np.ones(len(numbers), dtype=bool))
-            self.digest.set_hashes(numbers, hashes)
-            self.digest.update_zero(zero_pages)
             link = self._link_bandwidth()
             if self._probe_bytes_left > 0:
                 link = math.inf  # a raw probe: see _PROBE_FIRST
