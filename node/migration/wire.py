@@ -15,10 +15,11 @@ arena) before serialisation copies it a third time; parsing does the same in rev
 this class of machine a 1 MiB copy costs ~0.3 ms, about as much as the whole gRPC stream
 spends per batch. So a batch is written as its few header bytes followed by its payload in
 one copy, and read back with its payload as a view of the received bytes (no copy at all).
-The bytes are exactly protobuf's wire format for ``SourceMessage``: a peer using the
-generated stubs interoperates, and anything the fast reader does not recognise as a plain
-batch (other messages, unusual but valid encodings, garbage) goes through protobuf's own
-parser, so both readers accept and reject exactly the same inputs.
+The bytes are protobuf's wire format for ``SourceMessage`` (page numbers as fixed-width
+varints, which protobuf reads as the same numbers): a peer using the generated stubs
+interoperates, and anything the fast reader does not recognise as a plain batch (other
+messages, unusual but valid encodings, garbage) goes through protobuf's own parser, so both
+readers accept and reject exactly the same inputs.
 """
 
 from __future__ import annotations
@@ -240,7 +241,6 @@ _TAG_NUMBERS, _TAG_ZEROS, _TAG_PAYLOAD = 0x22, 0x2A, 0x32
 _U32 = 1 << 32
 _U64 = 1 << 64
 _VARINT_SHIFTS = np.arange(0, 35, 7, dtype=np.uint64)
-_GROUPS = np.arange(5)
 
 
 def _varint(value: int) -> bytes:
@@ -253,7 +253,13 @@ def _varint(value: int) -> bytes:
 
 
 def _packed_uint32(values: np.ndarray) -> bytes:
-    """Page numbers as a packed repeated uint32 field body (varints), without a loop."""
+    """Page numbers as a packed repeated uint32 field body, without a loop.
+
+    Every number takes as many varint bytes as the largest one (smaller ones carry
+    continuation bytes of zeros). Protobuf reads such padded varints as the same numbers,
+    and fixed-width rows are a handful of numpy operations to write and to read back; a
+    batch's page numbers are close together, so the padding is a few bytes at most.
+    """
     v = np.asarray(values)
     if v.size == 0:
         return b""
@@ -261,13 +267,10 @@ def _packed_uint32(values: np.ndarray) -> bytes:
         raise ValueError("page numbers must be a 1-D array of integers")
     if int(v.min()) < 0 or int(v.max()) >= _U32:
         raise ValueError("page numbers must fit in uint32")
-    v = v.astype(np.uint64)
-    groups = ((v[:, None] >> _VARINT_SHIFTS) & 0x7F).astype(np.uint8)
-    length = np.ones(len(v), dtype=np.int64)
-    for k in range(1, 5):
-        length += v >= (1 << (7 * k))
-    groups[(length - 1)[:, None] > _GROUPS] |= 0x80
-    return groups[length[:, None] > _GROUPS].tobytes()
+    width = max(1, -(-int(v.max()).bit_length() // 7))
+    groups = ((v.astype(np.uint64)[:, None] >> _VARINT_SHIFTS[:width]) & 0x7F).astype(np.uint8)
+    groups[:, :-1] |= 0x80
+    return groups.tobytes()
 
 
 def _encode_pages(batch: Pages) -> bytes:
@@ -320,6 +323,17 @@ def _unpack_uint32(body: memoryview) -> np.ndarray | None:
         return np.zeros(0, dtype=np.uint32)
     if b[-1] & 0x80:
         return None
+    width = int(np.argmax(b < 0x80)) + 1
+    if width <= 5 and b.size % width == 0:
+        rows = b.reshape(-1, width)
+        # Fixed-width varints, as _packed_uint32 writes them: one row per number.
+        if bool((rows[:, :-1] >= 0x80).all()) and bool((rows[:, -1] < 0x80).all()):
+            values = (rows[:, 0] & 0x7F).astype(np.uint64)
+            for k in range(1, width):
+                values |= (rows[:, k] & 0x7F).astype(np.uint64) << _VARINT_SHIFTS[k]
+            if width == 5 and int(values.max()) >= _U32:
+                return None
+            return values.astype(np.uint32)
     ends = np.flatnonzero(b < 0x80)
     starts = np.concatenate(([0], ends[:-1] + 1))
     lengths = ends - starts + 1
@@ -392,9 +406,7 @@ def _decode_pages(data: bytes) -> Pages | None:
     return Pages(
         seq=seq,
         round=round_,
-        encoding=_ENCODING_FROM_PB.get(
-            pb.Encoding.ValueType(encoding), f"encoding #{encoding}"
-        ),
+        encoding=_ENCODING_FROM_PB.get(pb.Encoding.ValueType(encoding), f"encoding #{encoding}"),
         page_numbers=numbers,
         zero_pages=zeros,
         payload=payload,
