@@ -109,6 +109,11 @@ def test_zero_markers_need_no_payload() -> None:
         ([0], [PAGE_COUNT + 7], "page 1031"),
         ([5, 5], [], "more than once"),
         ([5], [5], "more than once"),
+        # In order, as a sender emits them, and out of order: both are checked.
+        ([2, 4, 6], [1, 6, 9], "more than once"),
+        ([6, 2, 4], [9, 1, 6], "more than once"),
+        ([2, 4, 6, 4], [], "more than once"),
+        ([3, 1, 2], [PAGE_COUNT], "page 1024"),
     ],
 )
 def test_bad_page_numbers_are_rejected(numbers: list[int], zeros: list[int], match: str) -> None:
@@ -198,3 +203,31 @@ def test_any_batch_round_trips(picks: set[int], mode: str, seed: int) -> None:
     encoding, payload = CompressionPolicy(mode).encode(data, link_bandwidth=1e6)
     decoded = decode_batch(batch(numbers, payload, encoding), PAGE_COUNT)
     assert np.array_equal(decoded.data, data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    numbers=st.lists(st.integers(0, 63), max_size=12),
+    zeros=st.lists(st.integers(0, 63), max_size=12),
+)
+def test_a_batch_is_accepted_exactly_when_no_page_repeats(
+    numbers: list[int], zeros: list[int]
+) -> None:
+    """Sorted or not, a page listed twice (in either list, or in both) is refused."""
+    msg = batch(numbers, bytes(PAGE * len(numbers)), zeros=zeros)
+    if len(set(numbers + zeros)) == len(numbers + zeros):
+        decoded = decode_batch(msg, PAGE_COUNT)
+        assert list(decoded.pages) == numbers and list(decoded.zero_pages) == zeros
+    else:
+        with pytest.raises(BatchError, match="more than once"):
+            decode_batch(msg, PAGE_COUNT)
+
+
+@pytest.mark.parametrize(
+    ("numbers", "run_start"),
+    [([7, 8, 9], 7), ([7], 7), ([7, 9], -1), ([9, 8, 7], -1), ([8, 7, 9], -1), ([], -1)],
+)
+def test_only_pages_in_order_and_consecutive_are_a_run(numbers: list[int], run_start: int) -> None:
+    """A receiver writes a run as one slice: anything else must not look like one."""
+    decoded = decode_batch(batch(numbers, bytes(PAGE * len(numbers))), PAGE_COUNT)
+    assert decoded.run_start == run_start

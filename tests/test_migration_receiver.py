@@ -32,6 +32,7 @@ from node.migration import (
     Refusal,
     Resumed,
     SendMessage,
+    ram_digest,
 )
 from node.migration.encoding import compress
 from node.migration.messages import Encoding
@@ -131,6 +132,27 @@ def test_a_whole_stream_is_applied_verified_and_resumed() -> None:
     # A late Abort (a cancel that lost the race) changes nothing once the guest runs.
     assert dest.receiver.receive(Abort("too late")) == []
     assert dest.receiver.phase == "resumed"
+
+
+@pytest.mark.parametrize(
+    "numbers",
+    [[10, 11, 12, 13], [13, 12, 11, 10], [10, 12, 11, 13], [3, 40, 41, 60], [0, 63]],
+    ids=["run", "reversed", "shuffled", "scattered", "ends"],
+)
+def test_every_page_of_a_batch_lands_where_its_number_says(numbers: list[int]) -> None:
+    """Runs are written as one slice and other batches page by page: same result."""
+    dest = Destination()
+    dest.hello()
+    contents = np.zeros((len(numbers), PAGE), dtype=np.uint8)
+    for row, number in enumerate(numbers):
+        contents[row] = number + 1
+    batch = pages(1, numbers, payload=contents.tobytes())
+    assert sent(dest.receiver.receive(batch)) == [Ack(1, 1)]
+    grid = np.frombuffer(dest.ram, dtype=np.uint8).reshape(PAGES, PAGE)
+    for number in range(PAGES):
+        assert (grid[number] == (number + 1 if number in numbers else 0)).all(), number
+    assert dest.receiver.digest.value == ram_digest(dest.ram)
+    assert dest.guards_intact()
 
 
 @pytest.mark.parametrize(
