@@ -72,6 +72,20 @@ def test_idle_guest_migrates_in_one_round_and_sends_no_zero_pages() -> None:
     assert end.resumed_at >= end.paused_at
 
 
+def test_a_page_is_zero_only_if_every_byte_is_zero() -> None:
+    """Round 0 judges most pages by their first word: a page that starts with zeros but
+    has data further on must still be sent, a zero page must not."""
+    guest = FakeGuest(64, filled=0)
+    guest.pages[3, -1] = 1  # only the very last byte
+    guest.pages[5, 8] = 1  # the second word
+    guest.pages[7, 0] = 1  # only the first byte
+    lb = Loopback(guest)
+    end = assert_migrated(lb)
+    sent = {int(n) for m in lb.outcome.sent if isinstance(m, Pages) for n in m.page_numbers}
+    assert sent == {3, 5, 7}
+    assert end.stats["duplicate"] == 64 - 3
+
+
 def test_device_state_is_saved_only_after_the_pause_and_sent_before_complete() -> None:
     lb = Loopback(FakeGuest(256, pages_per_slice=4), device_state={"uart": b"\x01", "n": 3})
     lb.run()

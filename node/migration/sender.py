@@ -568,6 +568,23 @@ class MigrationSender:
             pages += self._page_count - self._scan_pos
         return pages * self._page_size
 
+    def _nonzero_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The pages of ``rows`` (sorted) that are not all zero.
+
+        A page whose first word is not zero is not a zero page, and that one word is all
+        there is to read of it: the scan touches one cache line of most pages instead of
+        the whole page (the pages sent are read again anyway, when they are hashed). Only
+        pages that start with a zero word are read in full.
+        """
+        words = self._words
+        first_words = words[rows, 0]
+        nonzero = first_words != 0
+        unsure = np.flatnonzero(~nonzero)
+        if len(unsure):
+            # max, not any(): any() first casts every word to a boolean, twice the work.
+            nonzero[unsure] = words[rows[unsure]].max(axis=1) != 0
+        return rows[nonzero]
+
     def _next_candidates(self) -> np.ndarray | None:
         """Up to a batch of pages to consider next; None when the round has no more or the
         scan budget of this poll is spent (``_round_exhausted`` tells which)."""
@@ -581,14 +598,12 @@ class MigrationSender:
             first = self._scan_pos
             last = min(first + _SCAN_CHUNK, self._page_count)
             skip = self._never_backed(first, last) if self._never_backed else None
-            # A row's largest word is 0 only for a zero page; max is the cheapest numpy
-            # reduction that says so (any() first casts every word to a boolean).
             if skip is None or not skip.any():
-                nonzero = np.flatnonzero(self._words[first:last].max(axis=1)) + first
+                rows = np.arange(first, last)
             else:
                 # Reading a never-backed page would fault it in just to find zeros.
-                backed = np.flatnonzero(~skip) + first
-                nonzero = backed[self._words[backed].max(axis=1) != 0]
+                rows = np.flatnonzero(~skip) + first
+            nonzero = self._nonzero_rows(rows)
             self._duplicate += (last - first) - len(nonzero)
             self._round_zero += (last - first) - len(nonzero)
             self._scan_pos = last
