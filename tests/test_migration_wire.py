@@ -310,3 +310,23 @@ def test_generated_stubs_interoperate_with_the_serialised_form() -> None:
     finally:
         server.stop(None)
     assert same_batch(got[0], batch) and same_batch(got[1], batch) and got[2] == Complete(9)
+
+
+@pytest.mark.parametrize(
+    "numbers",
+    [np.array([3, -1], np.int64), np.array([2**32], np.uint64), np.array([1, 2**32], np.int64)],
+    ids=["negative", "too-big-unsigned", "too-big-signed"],
+)
+def test_page_numbers_outside_uint32_are_not_encoded(numbers: np.ndarray) -> None:
+    """A bug upstream must not wrap a page number silently into another page."""
+    with pytest.raises(ValueError, match="fit in uint32"):
+        wire.encode_source(Pages(1, 0, "raw", numbers, payload=bytes(4096 * len(numbers))))
+
+
+def test_padded_page_numbers_read_as_protobuf_reads_them() -> None:
+    """Small and large numbers in one batch share the widest varint width."""
+    numbers = np.array([0, 1, 127, 128, 300, 2**21, 2**32 - 1], np.uint32)
+    data = wire.encode_source(Pages(1, 0, "raw", numbers, payload=b""))
+    assert list(pb.SourceMessage.FromString(data).pages.page_numbers) == numbers.tolist()
+    decoded = wire.decode_source(data)
+    assert isinstance(decoded, Pages) and decoded.page_numbers.tolist() == numbers.tolist()

@@ -69,7 +69,7 @@ def page_hashes(page_numbers: np.ndarray, data: np.ndarray) -> np.ndarray:
     x ^= x >> _SHIFT
     x *= _MIX_2
     x ^= x >> _SHIFT
-    x[x == 0] = 1
+    np.maximum(x, 1, out=x)
     maybe_zero = np.flatnonzero(content == np.uint64(_zero_hash(data.shape[1])))
     if len(maybe_zero):
         x[maybe_zero[~data[maybe_zero].any(axis=1)]] = 0

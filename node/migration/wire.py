@@ -265,9 +265,10 @@ def _packed_uint32(values: np.ndarray) -> bytes:
         return b""
     if v.ndim != 1 or v.dtype.kind not in "iu":
         raise ValueError("page numbers must be a 1-D array of integers")
-    if int(v.min()) < 0 or int(v.max()) >= _U32:
+    largest = int(v.max())
+    if largest >= _U32 or (v.dtype.kind == "i" and int(v.min()) < 0):
         raise ValueError("page numbers must fit in uint32")
-    width = max(1, -(-int(v.max()).bit_length() // 7))
+    width = max(1, -(-largest.bit_length() // 7))
     groups = ((v.astype(np.uint64)[:, None] >> _VARINT_SHIFTS[:width]) & 0x7F).astype(np.uint8)
     groups[:, :-1] |= 0x80
     return groups.tobytes()
