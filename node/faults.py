@@ -8,10 +8,15 @@ ferry-node applies to every worker that node starts) and fires the fault the fir
 reaches the named point. Unset, nothing here does anything. Never set it in production.
 
 * ``side``: ``src`` (the worker sending a VM) or ``dst`` (the worker receiving one).
-* ``action``: ``kill`` (the worker dies at once, as under SIGKILL), ``stall`` (the worker's
-  migration stream stops reading and answering, forever), ``drop`` (the stream is cut;
-  the worker lives on), ``corrupt`` (``dst`` only: one byte of the batch's first page is
-  flipped on arrival, as if damaged in flight).
+* ``action``: ``kill`` (the worker dies at once, as under SIGKILL; on the source its
+  migration process with it), ``stall`` (the worker's migration stream stops reading and
+  answering, forever), ``drop`` (the stream is cut; the worker lives on), ``corrupt``
+  (``dst`` only: one byte of the batch's first page is flipped on arrival, as if damaged
+  in flight), ``kill-helper`` (``src`` only: the migration process, which runs the
+  source's side of the stream apart from the worker, dies at once; the worker lives on).
+
+The source's points fire in its migration process (:mod:`node.migration_process`), which
+inherits the worker's environment.
 * ``point``: ``hello`` (the Hello), ``round0`` (the first batch of round 0), ``round1`` (the
   first batch of a later round), ``switchover`` (``src``: the vCPU has just paused for the
   switchover; ``dst``: the device state arrived), ``complete`` (the final message), and
@@ -28,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 
 SIDES = ("src", "dst")
-ACTIONS = ("kill", "stall", "drop", "corrupt")
+ACTIONS = ("kill", "stall", "drop", "corrupt", "kill-helper")
 POINTS = ("hello", "round0", "round1", "switchover", "complete", "resumed")
 
 
@@ -39,12 +44,18 @@ class Fault:
     point: str
     fired: bool = field(default=False)
 
-    def at(self, side: str, point: str) -> str | None:
-        """The action to take if this is the fault's moment (once), else None."""
+    def at(self, side: str, point: str, worker_pid: int = 0) -> str | None:
+        """The action to take if this is the fault's moment (once), else None.
+
+        ``worker_pid``: called in a migration process, the worker it serves, which ``kill``
+        takes down first.
+        """
         if self.fired or side != self.side or point != self.point:
             return None
         self.fired = True
-        if self.action == "kill":
+        if self.action == "kill" and worker_pid:
+            os.kill(worker_pid, signal.SIGKILL)
+        if self.action in ("kill", "kill-helper"):
             os.kill(os.getpid(), signal.SIGKILL)
         if self.action == "stall":
             while True:

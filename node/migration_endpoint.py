@@ -9,18 +9,15 @@ Both ends use the protocol's own serialised form (:func:`node.migration.wire.mig
 batch is written with one copy of its payload and read with none, where building protobuf
 objects costs three copies each way.
 
-**Source** (:class:`OutgoingMigration`): a trio task drives the sender between the vCPU's
-slices. The stream is grpcio's synchronous one, and its two blocking halves live in
-threads so that neither ever holds up the guest: grpcio's own request thread takes
-ready-made bytes from a queue and writes them, and a reader thread posts the destination's
-answers into the loop through a trio channel. Each message is serialised in the loop as
-the sender emits it, because a batch's payload may be a view of guest RAM: encoded at
-once, the bytes that leave are the pages the sender hashed, and gRPC's thread, which has to
-win the interpreter from the vCPU, only writes. The sender's credit window bounds the
-queue. A destination that stops answering while messages are outstanding for
-:data:`SILENCE_S` counts as a lost connection (the sender then resumes the VM, or reports
-the outcome unknown after its final message), so a stalled peer can never hold a migration
-forever.
+**Source** (:class:`OutgoingMigration`): the sender and the stream run in a migration
+process (:mod:`node.migration_process`) that maps the guest's RAM, so that scanning,
+hashing, encoding and writing pages no longer share the interpreter with the vCPU. What
+only the worker can do (pause, resume and throttle the vCPU, save the device state, enable
+and fetch the dirty log) the process asks for over its control channel, and this end
+answers in the trio loop between guest slices. The process pushes its statistics as it
+goes, so status queries are answered here at once, and reports the outcome; if it dies
+instead, this end settles the migration from what it was told: before ``Complete`` was
+about to leave, the VM resumes and the migration failed; after, the outcome is unknown.
 
 **Destination** (:class:`IncomingMigration`): the Migration service of an incoming worker.
 It serves exactly one stream. A reader thread takes each message into the loop, through
@@ -45,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import queue
 import threading
 import time
@@ -60,31 +56,24 @@ from node import FERRY_VERSION
 from node.faults import Fault
 from node.migration import (
     Action,
-    Cancelled,
-    Completed,
     DiscardVM,
-    Failed,
     GuestRunning,
     MigrationOptions,
     MigrationReceiver,
-    MigrationSender,
-    OutcomeUnknown,
     Pages,
-    PauseVM,
-    ResumeVM,
     SendMessage,
-    SetThrottle,
 )
 from node.migration.messages import (
     Complete,
     DestinationMessage,
     DeviceState,
     Hello,
-    Message,
     SourceMessage,
 )
-from node.migration.residency import AnonymousRAM
-from node.migration.wire import encode_source, migrate_call, migration_handler, status_to_pb
+from node.migration.residency import MemfdRAM
+from node.migration.wire import migration_handler, status_to_pb
+from node.migration_control import AsyncChannel, ControlError, field
+from node.migration_process import SpareProcess, death_reason
 from protos.ferry.v1 import types_pb2
 from vmcore.vm import VMState, config_hash
 
@@ -97,37 +86,16 @@ CONSOLE_HISTORY = 1 << 20
 """Console bytes carried to the destination: the node's default console ring, enough for a
 follower to re-read recent output there without costing noticeable downtime."""
 
-SILENCE_S = 10.0
-"""A destination that answers nothing this long while messages are outstanding is lost. An
-acknowledgement takes milliseconds on a working link; this only catches a stalled peer."""
-
 WINDOW = 16
 """Batches (~1 MiB each) the source may have in flight. Each acknowledgement waits for the
 source's loop to finish its current guest slice, so a deeper window keeps the stream busy
 while the vCPU runs."""
-
-MAX_MESSAGE = 80 << 20
-"""gRPC's 4 MiB default is too small for a device state with its console history; the
-receiver caps what it accepts itself (device state 64 MiB)."""
-
-_CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE),
-    ("grpc.max_send_message_length", MAX_MESSAGE),
-]
-
 
 def format_endpoint(host: str, port: int) -> str:
     """host:port, with an IPv6 literal in brackets as gRPC targets need it."""
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     return f"{host}:{port}"
-
-
-@dataclasses.dataclass(frozen=True)
-class _Lost:
-    """The reader thread's last word: the stream ended or broke."""
-
-    detail: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +107,13 @@ class _StreamEnd:
 
 
 class OutgoingMigration:
-    """Streams the worker's running VM to a prepared destination worker."""
+    """Streams the worker's running VM to a prepared destination worker.
+
+    The stream itself runs in a migration process (:mod:`node.migration_process`); this is
+    the worker's half: it hands the process the migration, carries out its requests on the
+    VM between guest slices, keeps the statistics it pushes (so status queries never wait
+    for it) and, should the process die, settles the migration itself.
+    """
 
     def __init__(
         self,
@@ -147,54 +121,71 @@ class OutgoingMigration:
         endpoint: str,
         token: bytes,
         options: MigrationOptions,
-        fault: Fault | None = None,
+        process: SpareProcess,
     ) -> None:
         self._worker = worker
         self.endpoint = endpoint
-        self._fault = fault
+        self._process = process
+        self._channel = AsyncChannel(process.control)
         vm = worker.vm
-        self.sender = MigrationSender(
-            vm.ram.view,
-            vm.dirty_log,
-            self._save_state,
-            token=token,
-            config_hash=config_hash(vm.config),
-            ferry_version=FERRY_VERSION,
-            board_config=msgpack.packb(vm.config.to_dict(), use_bin_type=True),
-            vm_name=worker.name,
-            options=options,
-            # GuestRAM is a private anonymous mapping: pages it never backed read as zero.
-            never_backed=AnonymousRAM(vm.ram.view).never_backed,
-        )
-        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._inbox_in, self._inbox = trio.open_memory_channel[Message | _Lost](math.inf)
-        self._call: Any = None
-        self._rounds_seen: set[int] = set()
-        self._dropped = False
-        self._outstanding = False
-        self._waiting_since = 0.0
+        self._start = {
+            "endpoint": endpoint,
+            "token": token,
+            "options": dataclasses.asdict(options),
+            "config_hash": config_hash(vm.config),
+            "ferry_version": FERRY_VERSION,
+            "board_config": msgpack.packb(vm.config.to_dict(), use_bin_type=True),
+            "vm_name": worker.name,
+        }
+        self._stats = _initial_stats(vm.ram.size)
+        self.reason = ""
         self.paused_at = 0.0
         self.resumed_at = 0.0
+        self.finished = False
+        # Set once the process said Complete is about to leave: from then on the
+        # destination may run the guest, so a dead process leaves the outcome unknown.
+        self._complete_sent = False
+        self._paused_vm = False
+        self._cancels_sent = 0
+        self._cancels_seen = 0
+        self._update = trio.Event()
+        self._start_sent = trio.Event()
         self.done = trio.Event()
 
     @property
     def active(self) -> bool:
-        return not self.sender.finished
+        return not self.finished
 
     def status(self) -> types_pb2.MigrationStatus:
         """The migration's statistics as the API reports them (query-migrate names)."""
         status = status_to_pb(
-            self.sender.stats(),
-            vm=self._worker.name,
-            error=self.sender.reason,
-            destination=self.endpoint,
+            self._stats, vm=self._worker.name, error=self.reason, destination=self.endpoint
         )
         status.paused_at = self.paused_at
         status.resumed_at = self.resumed_at
         return status
 
-    def cancel(self, reason: str = "cancelled by request") -> None:
-        self._do(self.sender.cancel(reason))
+    async def cancel(self, reason: str = "cancelled by request") -> None:
+        """Ask the process to cancel and wait (bounded) until it has: the answer then says
+        cancelled, or cancelling when Complete had already left. A process that does not
+        answer in :data:`CANCEL_ANSWER_S` is killed, which settles the migration too."""
+        if self.finished:
+            return
+        # The process takes nothing before its migration: a cancel must follow the start.
+        await self._start_sent.wait()
+        if self.finished:
+            return
+        self._cancels_sent += 1
+        with contextlib.suppress(OSError):
+            await self._channel.send("cancel", reason=reason)
+        with trio.move_on_after(CANCEL_ANSWER_S):
+            while not self.finished and self._cancels_seen < self._cancels_sent:
+                await self._update.wait()
+            return
+        log.warning("migration process did not answer a cancel: killing it")
+        self._process.kill()
+        with trio.move_on_after(CANCEL_ANSWER_S):
+            await self.done.wait()
 
     def _save_state(self) -> dict[str, Any]:
         state = self._worker.vm.save_state()
@@ -202,142 +193,191 @@ class OutgoingMigration:
         state["console"] = {"total": self._worker.console.total, "start": start, "data": history}
         return state
 
-    # -- the stream ----------------------------------------------------------------------
+    def _updated(self) -> None:
+        self._update.set()
+        self._update = trio.Event()
 
-    def _post(self, message: Message | _Lost) -> None:
-        with contextlib.suppress(trio.ClosedResourceError):
-            self._inbox_in.send_nowait(message)
-
-    def _read(self, call: Any, token: trio.lowlevel.TrioToken) -> None:
-        # run_sync_soon, not from_thread.run_sync: the reader must not wait for the loop to
-        # finish a guest slice before it reads the next answer off the wire.
-        detail = "the destination closed the stream"
-        try:
-            for reply in call:
-                token.run_sync_soon(self._post, reply)
-        except grpc.RpcError as e:
-            # An answer that does not decode ends the call too (INTERNAL).
-            detail = f"{e.code().name}: {e.details()}"
-        except trio.RunFinishedError:
-            return
-        with contextlib.suppress(trio.RunFinishedError):
-            token.run_sync_soon(self._post, _Lost(detail))
+    # -- the control channel ------------------------------------------------------------
 
     async def run(self) -> None:
-        """Drive the migration to its end; the VM runs its slices in between."""
-        channel = grpc.insecure_channel(self.endpoint, options=_CHANNEL_OPTIONS)
+        """Serve the process until the migration ends (or the process dies)."""
         try:
-            # grpcio's request thread blocks in the queue's get, never in the trio loop.
-            self._call = migrate_call(channel, encoded=True)(iter(self._outbox.get, None))
-            threading.Thread(
-                target=self._read,
-                args=(self._call, trio.lowlevel.current_trio_token()),
-                name="migration-reader",
-                daemon=True,
-            ).start()
-            self._do(self.sender.start())
-            while not self.sender.finished:
-                await self._step()
-        finally:
-            self._outbox.put(None)
-            self._inbox_in.close()
-            self.done.set()
-            self._worker.migration_ended(self)
-            with trio.CancelScope(shield=True):
-                if self._call is not None:
-                    # Give the last message (an Abort) a moment to leave, then cut the stream.
-                    await trio.sleep(0.2)
-                    self._call.cancel()
-                channel.close()
-
-    async def _step(self) -> None:
-        while not self.sender.finished and (actions := self.sender.poll()):
-            self._do(actions)
-        if self.sender.finished:
-            return
-        ready = self.sender.ready_at
-        wait = 0.1 if ready is None else min(max(0.0, ready - time.monotonic()), 0.1)
-        if wait <= 0:
-            await trio.sleep(0)  # a slice of guest, then more of the scan
-        else:
-            with trio.move_on_after(wait):
-                self._on_message(await self._inbox.receive())
-        while not self.sender.finished:
             try:
-                message = self._inbox.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
-            self._on_message(message)
-        if not self.sender.finished:
-            self._do(self.sender.tick())
-        silent = time.monotonic() - self._waiting_since
-        if not self.sender.finished and self._outstanding and silent >= SILENCE_S:
-            self._do(
-                self.sender.connection_lost(f"the destination did not answer for {silent:.0f} s")
-            )
+                await self._channel.send("start", **self._start)
+            except OSError as e:
+                log.error("migration process: %s", e)  # it died; the reads below see it
+            finally:
+                self._start_sent.set()
+            while not self.finished:
+                try:
+                    message = await self._channel.receive()
+                    if message is None:
+                        break
+                    await self._handle(message)
+                except (ControlError, OSError) as e:
+                    log.error("migration process: %s; stopping it", e)
+                    self._process.kill()
+                    break
+        finally:
+            with trio.CancelScope(shield=True):
+                if not self.finished:
+                    await self._process_died()
+                self.done.set()
+                self._updated()
+                self._channel.close()
+                self._worker.migration_ended(self)
+                await self._reap()
 
-    def _on_message(self, message: Message | _Lost) -> None:
-        self._outstanding = False
-        self._waiting_since = time.monotonic()
-        if isinstance(message, _Lost):
-            self._do(self.sender.connection_lost(message.detail))
-        else:
-            self._do(self.sender.receive(message))
-
-    # -- actions -------------------------------------------------------------------------
-
-    def _do(self, actions: list[Action]) -> None:
+    async def _handle(self, message: dict[str, Any]) -> None:
+        """Carry out one message from the process; a request gets its reply at once, in
+        the loop, between two guest slices (so a dirty-log fetch never races a store)."""
+        op = message["op"]
+        if op == "stats":
+            self._take_stats(message)
+            return
         worker = self._worker
         vm = worker.vm
-        for action in actions:
-            if isinstance(action, SendMessage):
-                self._send(action.message)
-            elif isinstance(action, PauseVM):
+        reply: dict[str, Any] = {}
+        try:
+            if op == "enable":
+                vm.dirty_log.enable()
+            elif op == "disable":
+                vm.dirty_log.disable()
+            elif op == "fetch":
+                reply["pages"] = vm.dirty_log.fetch_and_reset().astype("<u4").tobytes()
+            elif op == "pause":
                 if vm.state is VMState.RUNNING:
                     vm.pause()
-                self.paused_at = time.monotonic()
-                self._fault_at("switchover")
-            elif isinstance(action, ResumeVM):
-                if vm.state is VMState.PAUSED:
-                    vm.resume()
-                worker.wake()
-            elif isinstance(action, SetThrottle):
-                worker.throttle = action.percent
-                log.info("migration: vCPU throttled %d%%", action.percent)
-            elif isinstance(action, Completed):
-                self.resumed_at = action.resumed_at
-                log.info("migration to %s completed: %s", self.endpoint, action.stats)
-                worker.migrated_away()
-            elif isinstance(action, Cancelled | Failed | OutcomeUnknown):
-                worker.throttle = 0
-                log.warning("migration to %s ended: %s", self.endpoint, action.reason)
+                    self._paused_vm = True
+            elif op == "resume":
+                self._resume()
+            elif op == "throttle":
+                percent = field(message, "percent", int)
+                if not 0 <= percent < 100:
+                    raise ControlError(f"throttle of {percent}%")
+                worker.throttle = percent
+                log.info("migration: vCPU throttled %d%%", percent)
+            elif op == "save":
+                reply["state"] = msgpack.packb(self._save_state(), use_bin_type=True)
+            elif op == "completing":
+                self._complete_sent = True
+            elif op == "outcome":
+                self._take_outcome(message)
+            else:
+                raise ControlError(f"unknown request {op!r}")
+        except ControlError:
+            raise
+        except Exception as e:  # e.g. a device that cannot save its state
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        await self._channel.send("reply", to=op, **reply)
 
-    def _send(self, message: Message) -> None:
-        if self._fault is not None:
-            if isinstance(message, Hello):
-                self._fault_at("hello")
-            elif isinstance(message, Pages) and message.round not in self._rounds_seen:
-                self._rounds_seen.add(message.round)
-                self._fault_at("round0" if message.round == 0 else "round1")
-            elif isinstance(message, Complete):
-                self._fault_at("complete")
-            if self._dropped:
-                return
-        if not self._outstanding:
-            self._outstanding = True
-            self._waiting_since = time.monotonic()
-        # Now, before the guest runs again: a batch's payload may be a view of its RAM.
-        self._outbox.put(encode_source(message))  # type: ignore[arg-type]
+    def _resume(self) -> None:
+        """Run the vCPU again, if (and only if) this migration paused it."""
+        vm = self._worker.vm
+        if self._paused_vm and vm.state is VMState.PAUSED:
+            vm.resume()
+        self._paused_vm = False
+        self._worker.wake()
 
-    def _fault_at(self, point: str) -> None:
-        """A test fault (FERRY_FAULT) just before this point's message leaves. A dropped
-        stream is cut before the message goes, so the outcome the test sees is exact."""
-        if self._fault is None or self._fault.at("src", point) != "drop" or self._dropped:
+    def _take_stats(self, message: dict[str, Any]) -> None:
+        self._stats = _checked_stats(message.get("stats"))
+        self.reason = field(message, "reason", str)
+        self.paused_at = field(message, "paused_at", float)
+        self.resumed_at = field(message, "resumed_at", float)
+        self._cancels_seen = field(message, "cancels", int)
+        self._updated()
+
+    def _take_outcome(self, message: dict[str, Any]) -> None:
+        kind = field(message, "kind", str)
+        if kind not in _OUTCOMES:
+            raise ControlError(f"unknown outcome {kind!r}")
+        self._take_stats(message)
+        self.finished = True
+        worker = self._worker
+        if kind == "completed":
+            log.info("migration to %s completed: %s", self.endpoint, self._stats)
+            worker.migrated_away()
             return
-        self._dropped = True
-        if self._call is not None:
-            self._call.cancel()
-        self._do(self.sender.connection_lost("fault injected: stream dropped"))
+        if kind != "unknown":
+            # The process has asked for these already; a second time costs nothing and
+            # makes "the VM runs on, untouched" independent of its getting that right.
+            worker.throttle = 0
+            worker.vm.dirty_log.disable()
+            self._resume()
+        log.warning("migration to %s ended: %s", self.endpoint, self.reason)
+
+    async def _process_died(self) -> None:
+        """The process ended without reporting an outcome: settle the migration here."""
+        code = await self._exit_code(2.0)
+        if code is None:
+            self._process.kill()
+        reason = death_reason(code)
+        stats = dict(self._stats)
+        if self._complete_sent:
+            # Complete may have reached the destination: only it knows whether the guest
+            # runs there. The copy here stays paused, as for a stream lost at this point.
+            stats["status"] = "outcome-unknown"
+            reason += " after the final message"
+        else:
+            stats["status"] = "failed"
+            self._worker.throttle = 0
+            self._worker.vm.dirty_log.disable()
+            self._resume()
+        stats["cpu-throttle-percentage"] = self._worker.throttle
+        self._stats = stats
+        self.reason = reason
+        self.finished = True
+        log.warning("migration to %s ended: %s", self.endpoint, reason)
+
+    async def _exit_code(self, timeout: float) -> int | None:
+        with trio.move_on_after(timeout):
+            while (code := self._process.process.poll()) is None:
+                await trio.sleep(0.01)
+            return code
+        return None
+
+    async def _reap(self) -> None:
+        """Wait for the process to exit (it does once the outcome is reported, after a
+        moment for a last Abort to leave); one that does not is killed."""
+        if await self._exit_code(5.0) is None:
+            self._process.kill()
+            await self._exit_code(5.0)
+
+
+CANCEL_ANSWER_S = 5.0
+"""How long a cancel waits for the migration process to take it before killing it: it
+answers within a few milliseconds unless something is badly wrong with it."""
+
+_OUTCOMES = ("completed", "cancelled", "failed", "unknown")
+
+
+def _initial_stats(ram_size: int) -> dict[str, Any]:
+    """The statistics before the process has pushed any: setup, nothing moved yet."""
+    return {
+        "status": "setup",
+        "setup-time": 0.0,
+        "total-time": 0.0,
+        "downtime": 0.0,
+        "expected-downtime": 0.0,
+        "transferred": 0,
+        "remaining": 0,
+        "total": ram_size,
+        "duplicate": 0,
+        "normal": 0,
+        "compressed-bytes": 0,
+        "dirty-pages-rate": 0.0,
+        "mbps": 0.0,
+        "dirty-sync-count": 0,
+        "cpu-throttle-percentage": 0,
+    }
+
+
+def _checked_stats(raw: object) -> dict[str, Any]:
+    """The process's statistics, each key present with a value of the expected type."""
+    if not isinstance(raw, dict):
+        raise ControlError("stats is not a map")
+    template = _initial_stats(0)
+    return {key: field(raw, key, type(value)) for key, value in template.items()}
 
 
 class IncomingMigration:
@@ -364,8 +404,8 @@ class IncomingMigration:
             restore=self._restore,
             window=WINDOW,
             idle_timeout_s=timeout_s,
-            # GuestRAM is private anonymous memory: have each batch's pages backed at once.
-            before_write=AnonymousRAM(worker.vm.ram.view).back,
+            # Have each batch's pages backed at once, not faulted in one by one.
+            before_write=MemfdRAM(worker.vm.ram.fd, worker.vm.ram.view).back,
         )
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
@@ -394,6 +434,8 @@ class IncomingMigration:
             elif isinstance(action, GuestRunning):
                 log.info("incoming migration complete: the guest runs here")
                 self._worker.stop_incoming_server()
+                # The guest may move on from here: have a migration process ready for it.
+                self._worker.prepare_migration_process()
         return replies
 
     def _handle(self, message: object) -> tuple[list[DestinationMessage], bool]:

@@ -44,12 +44,8 @@ from google.protobuf import json_format
 from node import faults
 from node.console import ConsoleLog
 from node.migration.wire import options_from_pb
-from node.migration_endpoint import (
-    MAX_MESSAGE,
-    IncomingMigration,
-    OutgoingMigration,
-    format_endpoint,
-)
+from node.migration_endpoint import IncomingMigration, OutgoingMigration, format_endpoint
+from node.migration_process import MAX_MESSAGE, SpareProcess
 from node.vmdir import VMDir
 from protos.ferry.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from vmcore.loader import LoaderError
@@ -113,6 +109,8 @@ class Worker:
         # Auto-converge: the share of each slice's wall time the vCPU sleeps, in percent.
         self.throttle = 0
         self.outgoing: OutgoingMigration | None = None
+        # A migration process started in advance, idle until a migration takes it.
+        self._spare: SpareProcess | None = None
         self.incoming: IncomingMigration | None = None
         self._incoming_server: grpc.Server | None = None
         # Set when the VM has moved to another node: this copy must never run again.
@@ -277,13 +275,50 @@ class Worker:
         self.wake()
 
     def migration_ended(self, migration: OutgoingMigration) -> None:
-        """Keep the final statistics where the agent finds them after this worker is gone."""
+        """Keep the final statistics where the agent finds them after this worker is gone,
+        and have the next migration's process ready unless the VM has left."""
+        if self.vm.state in (VMState.RUNNING, VMState.PAUSED) and not self.migrated:
+            self.prepare_migration_process()
         if self._migration_file is None:
             return
         text = json_format.MessageToJson(migration.status(), sort_keys=True)
         tmp = self._migration_file.with_suffix(".tmp")
         tmp.write_text(text)
         os.replace(tmp, self._migration_file)
+
+    def prepare_migration_process(self) -> None:
+        """Start a migration process in advance, so that its start-up (imports of ~0.4 s)
+        is not part of the next migration's setup time. In the loop's own thread: the
+        process dies with the thread that started it (see SpareProcess)."""
+        if self._spare is not None and self._spare.alive:
+            return
+        if self._spare is not None:
+            self._spare.close()
+        self._spare = None
+        try:
+            self._spare = SpareProcess(self.vm.ram.fd, self.vm.ram.size)
+        except OSError as e:
+            # Not fatal: a migration starts one when it needs it (and says so if it cannot).
+            log.warning("cannot start a migration process in advance: %s", e)
+
+    def _take_migration_process(self) -> SpareProcess:
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.alive:
+            return spare
+        if spare is not None:
+            spare.close()
+        try:
+            return SpareProcess(self.vm.ram.fd, self.vm.ram.size)
+        except OSError as e:
+            raise CommandError(
+                grpc.StatusCode.UNAVAILABLE, f"cannot start the migration process: {e}"
+            ) from None
+
+    def close_migration_process(self) -> None:
+        """Send the idle migration process away (it exits on end-of-file)."""
+        if self._spare is not None:
+            self._spare.close()
+            self._spare = None
 
     async def listen_incoming(self, token: bytes, host: str, timeout: float) -> str:
         if self.vm.state is not VMState.INCOMING or self.discarded:
@@ -345,7 +380,8 @@ class Worker:
         except ValueError as e:
             raise CommandError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         assert self._nursery is not None
-        self.outgoing = OutgoingMigration(self, endpoint, token, options, self._fault)
+        process = self._take_migration_process()
+        self.outgoing = OutgoingMigration(self, endpoint, token, options, process)
         self._nursery.start_soon(self.outgoing.run)
         log.info("migrating to %s", endpoint)
         return self.outgoing.status()
@@ -353,7 +389,7 @@ class Worker:
     async def cancel_migration(self) -> types_pb2.MigrationStatus:
         if self.outgoing is None:
             return await self.migration_status()
-        self.outgoing.cancel()
+        await self.outgoing.cancel()
         return self.outgoing.status()
 
     async def migration_status(self) -> types_pb2.MigrationStatus:
@@ -535,6 +571,8 @@ async def _serve(args: argparse.Namespace, vm_dir: VMDir) -> int:
         server.start()
         if args.start:
             worker.vm.start()
+        if not args.incoming:
+            worker.prepare_migration_process()
 
         async def on_signals() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -545,9 +583,10 @@ async def _serve(args: argparse.Namespace, vm_dir: VMDir) -> int:
         await worker.run()
         if worker.outgoing is not None and worker.outgoing.active:
             # The guest powered off (or failed) mid-migration: nothing is left to move.
-            worker.outgoing.cancel(f"the VM {worker.vm.state.value} during the migration")
+            await worker.outgoing.cancel(f"the VM {worker.vm.state.value} during the migration")
             with trio.move_on_after(5.0):
                 await worker.outgoing.done.wait()
+        worker.close_migration_process()
         vm_dir.write_status(_final_status(worker))
         console.close()
         worker.stop_incoming_server()

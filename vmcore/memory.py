@@ -1,8 +1,14 @@
 """Guest RAM and its dirty log.
 
-RAM is one anonymous ``mmap`` of whole 4 KiB pages so that a migration sender can hand out
-page batches as memoryviews without copying, and numpy can scan it for zero pages at memory
-bandwidth.
+RAM is one ``mmap`` of whole 4 KiB pages so that a migration sender can hand out page
+batches as memoryviews without copying, and numpy can scan it for zero pages at memory
+bandwidth. The mapping is of a ``memfd`` (an anonymous tmpfs file) shared, not private
+anonymous memory, so that another process can map the very same pages from the file
+descriptor: a live migration's source side runs in a helper process of its own, off the
+vCPU's interpreter (``node.migration_process``). The file starts sparse; a page costs
+memory once it is touched, and the file says which pages never were (``SEEK_DATA``).
+Unlike private anonymous memory, *reading* an untouched page through the mapping backs it
+too, so whole-RAM scans should skip the holes the file reports.
 
 The dirty log follows KVM's contract. The hart keeps a software write-TLB that is its store
 fast path; while logging is on, a page is "write-protected" simply by being absent from that
@@ -15,8 +21,11 @@ store can land between the copy of the bitmap and the re-protection, so no store
 
 from __future__ import annotations
 
+import errno
 import mmap
+import os
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 
@@ -24,6 +33,30 @@ import numpy as np
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
+
+
+def file_holes(fd: int, first: int, last: int, page_size: int = PAGE_SIZE) -> np.ndarray | None:
+    """Boolean per page in [first, last) of the file ``fd``: True where the file has a hole
+    (the page was never written, so it reads as zero). None when the file system will not
+    say. Asking costs two ``lseek`` calls per run of data and touches no page."""
+    if last <= first:
+        return None
+    hole = np.ones(last - first, dtype=bool)
+    offset, end = first * page_size, last * page_size
+    try:
+        while offset < end:
+            data = os.lseek(fd, offset, os.SEEK_DATA)
+            if data >= end:
+                break
+            data_end = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            # A partly written page is data (tmpfs keeps whole pages anyway).
+            hole[data // page_size - first : -(-data_end // page_size) - first] = False
+            offset = data_end
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # no data from offset to the end of the file
+            return hole
+        return None
+    return hole
 
 
 class DirtyLog:
@@ -129,12 +162,37 @@ class GuestRAM:
         self.size = size
         self.end = base + size
         self.page_count = size >> PAGE_SHIFT
-        self.buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # Neither a memfd nor a shared mapping of it is checked against the host's memory
+        # up front, so a size the host could never back would only fail once touched.
+        # Ask the question private anonymous memory is asked (the kernel's overcommit
+        # check, which touches nothing): ENOMEM here is a clear "cannot allocate".
+        mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS).close()
+        # The file descriptor another process maps to see this RAM (CLOEXEC: only a child
+        # it is explicitly passed to gets it). The mapping outlives the descriptor.
+        self.fd = os.memfd_create("ferry-guest-ram", os.MFD_CLOEXEC)
+        self._fd_closer = weakref.finalize(self, os.close, self.fd)
+        try:
+            os.ftruncate(self.fd, size)
+            self.buf = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
+        except OSError:
+            self.close()
+            raise
         self.view = memoryview(self.buf)
         self.dirty_log = DirtyLog(self.page_count)
         # Called with (first_page, last_page) after a non-CPU write, so the hart can drop
         # instructions it decoded from those pages.
         self.write_listeners: list[Callable[[int, int], None]] = []
+
+    def close(self) -> None:
+        """Close the file descriptor (idempotent). The RAM itself stays mapped and usable;
+        only sharing it with a process that has not mapped it yet is no longer possible."""
+        self._fd_closer()
+
+    def never_written(self, first: int = 0, last: int | None = None) -> np.ndarray | None:
+        """Boolean per page in [first, last): True where the page was never written, so it
+        is zero and need not be read (reading it through the mapping would allocate it).
+        None when the host will not say."""
+        return file_holes(self.fd, first, self.page_count if last is None else last)
 
     def contains(self, paddr: int, n: int = 1) -> bool:
         return self.base <= paddr and paddr + n <= self.end
@@ -173,7 +231,11 @@ class GuestRAM:
 
     def clear(self) -> None:
         """Zero all of RAM (e.g. before receiving a migrated VM)."""
-        np.frombuffer(self.buf, dtype=np.uint64)[:] = 0
+        try:
+            # Hand the pages back to the kernel: they read as zero and cost nothing again.
+            self.buf.madvise(mmap.MADV_REMOVE)
+        except OSError:
+            np.frombuffer(self.buf, dtype=np.uint64)[:] = 0
         self.dirty_log.mark_range(0, self.page_count - 1)
         for cb in self.write_listeners:
             cb(0, self.page_count - 1)

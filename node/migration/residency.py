@@ -13,11 +13,16 @@ not backed yet, and writing it faults once per 4 KiB page. :meth:`AnonymousRAM.b
 for a whole run of pages at once (``MADV_POPULATE_WRITE``, Linux 5.14+), which costs about
 half as much per page as faulting them one at a time.
 
-The residency answer holds only for private anonymous memory (``vmcore``'s ``GuestRAM``);
-in a shared or file-backed mapping a page that is not present in this process may still
-hold data. Hence it is the driver, which knows how its RAM was allocated, that hands
-:meth:`AnonymousRAM.never_backed` to the sender. Anywhere pagemap cannot be read (not Linux,
-a restricted /proc, a host page size other than the guest's), the sender scans every page.
+The pagemap answer holds only for private anonymous memory; in a shared or file-backed
+mapping a page that is not present in this process may still hold data. ``vmcore``'s
+``GuestRAM`` is a shared ``memfd`` (so that a helper process can map it), and for that the
+file itself answers: ``lseek(SEEK_DATA / SEEK_HOLE)`` on the memfd walks its holes, the
+pages never written, from any process that holds the descriptor and without faulting
+anything (:class:`MemfdRAM`). It matters even more there, because reading a hole of a
+shared tmpfs mapping does not map the zero page: it allocates a page. Hence it is the
+driver, which knows how its RAM was allocated, that hands ``never_backed`` to the sender.
+Anywhere the kernel will not say (not Linux, a restricted /proc, a host page size other
+than the guest's), the sender scans every page.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import os
 import sys
 
 import numpy as np
+
+from vmcore.memory import file_holes
 
 _PRESENT = np.uint64(1 << 63)
 _SWAPPED = np.uint64(1 << 62)
@@ -51,22 +58,68 @@ def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     return madvise
 
 
-class AnonymousRAM:
+def _address_of(ram: memoryview, page_size: int) -> int:
+    """The page-aligned address of ``ram``'s first byte, or 0 when it cannot be used."""
+    if page_size != mmap.PAGESIZE or not len(ram):
+        return 0
+    address = int(np.frombuffer(ram, dtype=np.uint8).ctypes.data)
+    return 0 if address % page_size else address
+
+
+class _Backing:
+    """``back()``: have the kernel back a batch's pages in a few calls."""
+
+    def __init__(self, address: int, page_size: int) -> None:
+        self._address = address
+        self._page_size = page_size
+        self._madvise = _madvise() if address else None
+
+    def back(self, pages: np.ndarray) -> None:
+        """Have the kernel back ``pages`` (about to be written) in a few calls, not one
+        fault per page. Does nothing where that is not supported; never fails."""
+        madvise = self._madvise
+        if madvise is None or not len(pages):
+            return
+        pages = np.asarray(pages, dtype=np.int64)
+        breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+        if len(breaks) >= _MAX_RUNS:
+            return
+        size = self._page_size
+        for run in np.split(pages, breaks):
+            if madvise(self._address + int(run[0]) * size, len(run) * size, _MADV_POPULATE_WRITE):
+                # EINVAL before Linux 5.14: fall back to faulting, for good.
+                self._madvise = None
+                return
+
+
+class MemfdRAM(_Backing):
+    """Residency queries for RAM that is a memfd (``GuestRAM``), mapped at ``ram``.
+
+    ``ram`` may be any process's mapping of the file, read-only included; ``back()``
+    needs a writable one. The descriptor stays the caller's to close.
+    """
+
+    def __init__(self, fd: int, ram: memoryview, page_size: int = 4096) -> None:
+        super().__init__(_address_of(ram, page_size), page_size)
+        self._fd = fd
+        self._page_count = len(ram) // page_size
+
+    def never_backed(self, first: int, last: int) -> np.ndarray | None:
+        """Boolean per page in [first, last): True where the file has a hole (the page was
+        never written, so it is zero). None when the file system will not say."""
+        return file_holes(self._fd, first, min(last, self._page_count), self._page_size)
+
+
+class AnonymousRAM(_Backing):
     """Residency queries for one private anonymous mapping (the caller vouches for that)."""
 
     def __init__(self, ram: memoryview, page_size: int = 4096) -> None:
+        super().__init__(_address_of(ram, page_size), page_size)
         self._first_entry = 0
         self._fd: int | None = None
-        self._address = 0
-        self._page_size = page_size
-        self._madvise = None
-        if page_size != mmap.PAGESIZE or not len(ram):
+        address = self._address
+        if not address:
             return
-        address = np.frombuffer(ram, dtype=np.uint8).ctypes.data
-        if address % page_size:
-            return
-        self._address = address
-        self._madvise = _madvise()
         try:
             self._fd = os.open("/proc/self/pagemap", os.O_RDONLY)
         except OSError:
@@ -96,20 +149,3 @@ class AnonymousRAM:
         entries = np.frombuffer(raw, dtype=np.uint64)
         backed: np.ndarray = (entries & (_PRESENT | _SWAPPED)) != 0
         return ~backed
-
-    def back(self, pages: np.ndarray) -> None:
-        """Have the kernel back ``pages`` (about to be written) in a few calls, not one
-        fault per page. Does nothing where that is not supported; never fails."""
-        madvise = self._madvise
-        if madvise is None or not len(pages):
-            return
-        pages = np.asarray(pages, dtype=np.int64)
-        breaks = np.flatnonzero(np.diff(pages) != 1) + 1
-        if len(breaks) >= _MAX_RUNS:
-            return
-        size = self._page_size
-        for run in np.split(pages, breaks):
-            if madvise(self._address + int(run[0]) * size, len(run) * size, _MADV_POPULATE_WRITE):
-                # EINVAL before Linux 5.14: fall back to faulting, for good.
-                self._madvise = None
-                return
