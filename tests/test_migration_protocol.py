@@ -86,6 +86,21 @@ def test_a_page_is_zero_only_if_every_byte_is_zero() -> None:
     assert end.stats["duplicate"] == 64 - 3
 
 
+def test_rounds_end_when_the_destination_acknowledges_a_few_batches_at_a_time() -> None:
+    """A 16-batch window is answered every 4th batch: each round still ends (the sender
+    asks for the last Acks with a batch that lists no page) and the VM moves whole."""
+    guest = FakeGuest(4096, pages_per_slice=64, working_set=700, seed=5)
+    lb = Loopback(guest, window=16, options=MigrationOptions(max_downtime_ms=2))
+    assert_migrated(lb)
+    assert len(lb.sender.rounds) >= 2
+    batches = [m for m in lb.outcome.sent if isinstance(m, Pages)]
+    asks = [m for m in batches if not len(m.page_numbers) and not len(m.zero_pages)]
+    # At most one such batch per round, never more than the rounds that waited for one.
+    assert 1 <= len(asks) <= len(lb.sender.rounds)
+    assert len({m.round for m in asks}) == len(asks)
+    assert ram_digest(memoryview(lb.dest_ram)) == lb.receiver.digest.value
+
+
 def test_device_state_is_saved_only_after_the_pause_and_sent_before_complete() -> None:
     lb = Loopback(FakeGuest(256, pages_per_slice=4), device_state={"uart": b"\x01", "n": 3})
     lb.run()

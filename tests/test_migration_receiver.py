@@ -47,12 +47,12 @@ CONFIG = "config-hash-1"
 class Destination:
     """A receiver over a guarded RAM buffer, recording what it restored."""
 
-    def __init__(self) -> None:
+    def __init__(self, window: int = 4) -> None:
         self.buffer = bytearray(b"\xa5" * GUARD + bytes(PAGES * PAGE) + b"\x5a" * GUARD)
         self.ram = memoryview(self.buffer)[GUARD : GUARD + PAGES * PAGE]
         self.restored: list[dict[str, Any]] = []
         self.receiver = MigrationReceiver(
-            self.ram, token=TOKEN, config_hash=CONFIG, restore=self.restored.append
+            self.ram, token=TOKEN, config_hash=CONFIG, restore=self.restored.append, window=window
         )
 
     def hello(self) -> list[Action]:
@@ -132,6 +132,18 @@ def test_a_whole_stream_is_applied_verified_and_resumed() -> None:
     # A late Abort (a cancel that lost the race) changes nothing once the guest runs.
     assert dest.receiver.receive(Abort("too late")) == []
     assert dest.receiver.phase == "resumed"
+
+
+def test_a_deep_window_is_acknowledged_a_quarter_at_a_time() -> None:
+    """Fewer Acks, the same credit: every 4th batch of a 16-batch window is answered, and
+    a batch listing no page (the source waiting for a round to end) at once."""
+    dest = Destination(window=16)
+    assert sent(dest.hello()) == [Ack(acked_seq=0, credit=16)]
+    answers = [sent(dest.receiver.receive(pages(seq, [seq]))) for seq in range(1, 10)]
+    assert answers == [[], [], [], [Ack(4, 4)], [], [], [], [Ack(8, 4)], []]
+    flush = pages(10, [], payload=b"")
+    assert sent(dest.receiver.receive(flush)) == [Ack(10, 2)]
+    assert sent(dest.receiver.receive(pages(11, []))) == [Ack(11, 1)]
 
 
 @pytest.mark.parametrize(

@@ -72,7 +72,8 @@ class Pages:
     ``page_numbers`` lists the pages whose contents are in ``payload``, in payload order;
     ``zero_pages`` lists pages that became all-zero since the destination last received
     them and carry no payload. ``seq`` numbers the batches of the whole migration from 1 so
-    that acknowledgements can name what they acknowledge.
+    that acknowledgements can name what they acknowledge. A batch that lists no page at all
+    asks the destination to acknowledge it (and everything before it) at once.
     """
 
     seq: int
@@ -111,6 +112,7 @@ class Ack:
     """Batches up to ``acked_seq`` are applied; the source may send ``credit`` more.
 
     The answer to an accepted Hello is an Ack with ``acked_seq`` 0 and the initial window.
+    Later Acks may cover several batches at once (and then grant as many credits).
     """
 
     acked_seq: int

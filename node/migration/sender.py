@@ -81,6 +81,7 @@ from node.migration.messages import (
     Ack,
     Complete,
     DeviceState,
+    Encoding,
     Error,
     Hello,
     Message,
@@ -299,6 +300,7 @@ class MigrationSender:
         self._round_pages = 0
         self._round_zero = 0
         self._final_fetch_done = False
+        self._flushed_seq = 0
         self._scan_budget = 0
         self._yielded = False
 
@@ -688,7 +690,7 @@ class MigrationSender:
         if self._round_exhausted():
             if self._acked_seq >= self._round_last_seq:
                 return self._end_round(now)
-            return []
+            return self._ask_for_ack()
         if self._credit <= 0:
             return []
         if self._pacing() and not self._pace_allows(now):
@@ -702,8 +704,22 @@ class MigrationSender:
             # Everything left in the round was zero on both sides.
             if self._acked_seq >= self._round_last_seq:
                 return self._end_round(now)
-            return []
+            return self._ask_for_ack()
         return [self._emit(batch)]
+
+    def _ask_for_ack(self) -> list[Action]:
+        """At the end of a round, have the destination acknowledge everything sent.
+
+        A destination acknowledges a few batches at a time, so the round's last batches
+        may wait for company that never comes; a batch that lists no page asks for an
+        answer at once. One per round is enough (it is the round's last batch then).
+        """
+        if self._flushed_seq == self._round_last_seq or self._credit <= 0:
+            return []
+        flush = Pages(seq=self._next_seq, round=self._round, encoding=Encoding.RAW)
+        action = self._emit(flush)
+        self._flushed_seq = flush.seq
+        return [action]
 
     def _measure_bandwidth(self, now: float) -> None:
         elapsed = now - self._round_start
