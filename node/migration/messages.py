@@ -21,7 +21,8 @@ from enum import StrEnum
 import numpy as np
 
 # 2: the memory digest hashes page contents unseeded and mixes the page number in after
-# (node.migration.digest); a version-1 peer would compute different digests.
+# (node.migration.digest), and Acks may cover several batches (a batch listing no page asks
+# for one). A version-1 peer would compute other digests, or wait forever for its Acks.
 PROTOCOL_VERSION = 2
 
 
