@@ -135,6 +135,37 @@ def test_a_migration_process_waits_beside_its_worker_and_dies_with_it(
     assert not Path(f"/proc/{helper}").exists() or helper not in migration_processes(worker)
 
 
+def test_a_worker_killed_mid_migration_takes_its_migration_process_and_the_copy_with_it(
+    cluster: Cluster,
+) -> None:
+    source, destination = cluster.node("node-a"), cluster.node("node-b")
+    start_dirtier(source, append="wss=8 rate=20")
+    prepared = prepare(destination, source.get("vm").spec, incoming_timeout=3.0)
+    options = types_pb2.MigrationOptions(max_bandwidth=2_000_000, compression="none")
+    source.stub.StartMigration(
+        node_pb2.StartMigrationRequest(
+            name="vm",
+            destination_endpoint=prepared.endpoint,
+            token=prepared.token,
+            options=options,
+        ),
+        timeout=30,
+    )
+    ref = node_pb2.VMRef(name="vm")
+    assert wait_for(lambda: source.stub.GetMigration(ref).transferred > 0)
+    worker = source.worker_pids()["vm"]
+    assert migration_processes(worker)
+    os.kill(worker, signal.SIGKILL)
+    # The migration process cuts its stream and ends; the destination throws its copy away.
+    assert wait_for(lambda: not migration_processes(worker))
+    info = source.wait_state("vm", types_pb2.VM_STATE_FAILED)
+    assert info.state == types_pb2.VM_STATE_FAILED
+    dst = destination.wait_state("vm", types_pb2.VM_STATE_FAILED, timeout=30)
+    assert dst.state == types_pb2.VM_STATE_FAILED
+    # Cut, not left to go silent until the destination's idle timeout.
+    assert "connection to the source lost" in dst.failure, dst.failure
+
+
 def test_a_stopped_vm_takes_its_idle_migration_process_with_it(cluster: Cluster) -> None:
     node = cluster.node("node-a")
     node.create("vm", DIRTIER, memory=32 << 20, append="wss=4 rate=20")
