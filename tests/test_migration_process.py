@@ -17,6 +17,7 @@ import pytest
 from cluster import (
     DIRTIER,
     Cluster,
+    NodeProcess,
     assert_keeps_running_on,
     prepare,
     start_dirtier,
@@ -66,6 +67,24 @@ def wait_for(predicate: object, timeout: float = 30.0) -> bool:
     return True
 
 
+def start_slow_migration(cluster: Cluster) -> tuple[NodeProcess, NodeProcess]:
+    """A dirtier migrating from node-a to node-b, capped at 2 MB/s: round 0 of its 8 MiB
+    working set takes seconds (and it never converges), time to act in the middle."""
+    source, destination = cluster.node("node-a"), cluster.node("node-b")
+    start_dirtier(source, append="wss=8 rate=20")
+    prepared = prepare(destination, source.get("vm").spec, incoming_timeout=3.0)
+    source.stub.StartMigration(
+        node_pb2.StartMigrationRequest(
+            name="vm",
+            destination_endpoint=prepared.endpoint,
+            token=prepared.token,
+            options=types_pb2.MigrationOptions(max_bandwidth=2_000_000, compression="none"),
+        ),
+        timeout=30,
+    )
+    return source, destination
+
+
 def test_the_migration_process_killed_mid_copy_leaves_the_vm_running(
     cluster: Cluster,
 ) -> None:
@@ -92,20 +111,7 @@ def test_the_migration_process_killed_mid_copy_leaves_the_vm_running(
 
 
 def test_the_guest_keeps_running_while_it_migrates(cluster: Cluster) -> None:
-    source, destination = cluster.node("node-a"), cluster.node("node-b")
-    start_dirtier(source, append="wss=8 rate=20")
-    prepared = prepare(destination, source.get("vm").spec)
-    # Capped at 2 MB/s, round 0 of an 8 MiB working set takes seconds.
-    options = types_pb2.MigrationOptions(max_bandwidth=2_000_000, compression="none")
-    source.stub.StartMigration(
-        node_pb2.StartMigrationRequest(
-            name="vm",
-            destination_endpoint=prepared.endpoint,
-            token=prepared.token,
-            options=options,
-        ),
-        timeout=30,
-    )
+    source, destination = start_slow_migration(cluster)
     ref = node_pb2.VMRef(name="vm")
     assert wait_for(
         lambda: source.stub.GetMigration(ref).status == types_pb2.MIGRATION_STATE_ACTIVE
@@ -138,19 +144,7 @@ def test_a_migration_process_waits_beside_its_worker_and_dies_with_it(
 def test_a_worker_killed_mid_migration_takes_its_migration_process_and_the_copy_with_it(
     cluster: Cluster,
 ) -> None:
-    source, destination = cluster.node("node-a"), cluster.node("node-b")
-    start_dirtier(source, append="wss=8 rate=20")
-    prepared = prepare(destination, source.get("vm").spec, incoming_timeout=3.0)
-    options = types_pb2.MigrationOptions(max_bandwidth=2_000_000, compression="none")
-    source.stub.StartMigration(
-        node_pb2.StartMigrationRequest(
-            name="vm",
-            destination_endpoint=prepared.endpoint,
-            token=prepared.token,
-            options=options,
-        ),
-        timeout=30,
-    )
+    source, destination = start_slow_migration(cluster)
     ref = node_pb2.VMRef(name="vm")
     assert wait_for(lambda: source.stub.GetMigration(ref).transferred > 0)
     worker = source.worker_pids()["vm"]
