@@ -11,14 +11,16 @@ Prints, in one run on this machine:
    ways, with total time, downtime, bytes transferred, dirty-bitmap syncs (rounds), round-0
    throughput, and the ratios to QEMU:
 
-   * ``core``: the migration core (node.migration) with everything it offers: two VM
-     processes driving sender and receiver as a VMM worker does, over a real gRPC
-     ``Migrate`` stream carrying node.migration.wire's serialised form, with the residency
-     hints (node.migration.residency) on both ends. The source runs guest slices between
-     its sender's steps and honours throttling.
-   * ``node``: two real ``ferry-node`` agents and their VMM workers, driven as the
-     coordinator drives them (PrepareIncoming, StartMigration, WatchMigration); its
-     throughput column is the bandwidth the sender last measured (QEMU's ``mbps``).
+   * ``node``: Ferry as users run it. Two real ``ferry-node`` agents and their VMM workers,
+     driven as the coordinator drives them (PrepareIncoming, StartMigration,
+     WatchMigration); the source worker's migration runs in its helper process
+     (node.migration_process) beside the vCPU. Its throughput column is the bandwidth the
+     sender last measured (QEMU's ``mbps``), which after a small final round is round 0's.
+   * ``inproc``: the same migration core (node.migration) driven inside the vCPU's own
+     process and thread, as Ferry's workers did before the helper process: two VM
+     processes, a real gRPC ``Migrate`` stream carrying node.migration.wire's serialised
+     form, residency hints on both ends, guest slices between the sender's steps. It shows
+     what sharing one interpreter with the vCPU costs.
    * ``QEMU``: the same image on QEMU 7.2 (TCG), migrated through QMP.
 
 Both Ferry ends share the host, so their monotonic clocks compare and downtime is measured
@@ -86,7 +88,7 @@ from node.migration import (  # noqa: E402
     wire,
 )
 from node.migration.messages import DestinationMessage, Message, SourceMessage  # noqa: E402
-from node.migration.residency import AnonymousRAM  # noqa: E402
+from node.migration.residency import AnonymousRAM, MemfdRAM  # noqa: E402
 
 DIRTIER = ROOT / "guests" / "build" / "dirtier.elf"
 QEMU = "qemu-system-riscv64"
@@ -112,6 +114,9 @@ SWITCH_INTERVAL = 0.001
 # enough that gRPC's threads still have batches to write while the vCPU runs a slice.
 WINDOW = 16
 SYNTHETIC_MIB = 64
+# Room the "lands in fresh memory" ceiling writes into: the synthetic RAM's size, so it
+# covers every message of a run.
+LAND_BYTES = SYNTHETIC_MIB * MiB
 
 
 # =========================================================== the gRPC stream's ceiling
@@ -122,16 +127,33 @@ def _identity(data: bytes) -> bytes:
 
 
 def _count_server_main(ports: Any) -> None:
-    """A destination that only counts: raw bytes on one method, protobuf on another."""
+    """A destination that only counts: raw bytes on one method, protobuf on another; and
+    one that lands each raw message in fresh shared memory, as any destination of a
+    migration must (the page faults of memory never written before are part of the cost)."""
+    import mmap
+
     from protos.ferry.v1 import migration_pb2 as pb
 
     def count(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[bytes]:
         n = sum(1 for _ in requests)
         yield pb.DestinationMessage(ack=pb.Ack(acked_seq=n)).SerializeToString()
 
+    def land(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        ram = mmap.mmap(-1, LAND_BYTES)  # shared anonymous: shmem, as GuestRAM's memfd
+        offset = n = 0
+        for request in requests:
+            size = min(len(request), LAND_BYTES - offset)
+            ram[offset : offset + size] = request[:size]
+            offset, n = offset + size, n + 1
+        ram.close()
+        yield pb.DestinationMessage(ack=pb.Ack(acked_seq=n)).SerializeToString()
+
     handlers = {
         "Raw": grpc.stream_stream_rpc_method_handler(
             count, request_deserializer=_identity, response_serializer=_identity
+        ),
+        "Land": grpc.stream_stream_rpc_method_handler(
+            land, request_deserializer=_identity, response_serializer=_identity
         ),
         "Proto": grpc.stream_stream_rpc_method_handler(
             count, request_deserializer=pb.SourceMessage.FromString, response_serializer=_identity
@@ -148,7 +170,7 @@ def _count_server_main(ports: Any) -> None:
 def _stream_seconds(port: int, method: str, message: Any, count: int) -> float:
     from protos.ferry.v1 import migration_pb2 as pb
 
-    serialise = _identity if method == "Raw" else pb.SourceMessage.SerializeToString
+    serialise = _identity if method in ("Raw", "Land") else pb.SourceMessage.SerializeToString
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as channel:
         call = channel.stream_stream(
             f"/bench.Count/{method}", request_serializer=serialise, response_deserializer=_identity
@@ -301,6 +323,7 @@ def _read_replies(call: Any, replies: queue.SimpleQueue[Message | None]) -> None
 class Ceiling:
     raw: float
     proto: float
+    land: float
     ferry: float
     compressed: int = 0
 
@@ -319,7 +342,7 @@ def measure_ceiling(runs: int = CEILING_RUNS) -> Ceiling:
     raw = proto.SerializeToString()
     counter, count_port = _spawn(_count_server_main)
     receiver, receive_port = _spawn(_synthetic_receiver_main, len(ram), WINDOW)
-    rates: dict[str, list[float]] = {"raw": [], "proto": [], "ferry": []}
+    rates: dict[str, list[float]] = {"raw": [], "proto": [], "land": [], "ferry": []}
     compressed_bytes = 0
     try:
         for _ in range(runs):
@@ -329,14 +352,17 @@ def measure_ceiling(runs: int = CEILING_RUNS) -> Ceiling:
             rates["proto"].append(
                 count * BATCH_BYTES / _stream_seconds(count_port, "Proto", proto, count)
             )
+            rates["land"].append(
+                count * BATCH_BYTES / _stream_seconds(count_port, "Land", raw, count)
+            )
             _, round0, compressed = synthetic_round0_seconds(receive_port, ram)
             rates["ferry"].append(nonzero_bytes / round0)
             compressed_bytes = max(compressed_bytes, compressed)
     finally:
         counter.terminate()
         receiver.terminate()
-    raw_rate, proto_rate, ferry_rate = (statistics.median(rates[k]) for k in rates)
-    return Ceiling(raw_rate, proto_rate, ferry_rate, compressed_bytes)
+    raw_rate, proto_rate, land_rate, ferry_rate = (statistics.median(rates[k]) for k in rates)
+    return Ceiling(raw_rate, proto_rate, land_rate, ferry_rate, compressed_bytes)
 
 
 # ======================================================== Ferry: two VM host processes
@@ -432,7 +458,7 @@ class VMHost:
             config_hash=config_hash(config),
             restore=restore,
             window=window or WINDOW,
-            before_write=AnonymousRAM(vm.ram.view).back,
+            before_write=MemfdRAM(vm.ram.fd, vm.ram.view).back,
         )
 
         def migrate(
@@ -498,8 +524,8 @@ class VMHost:
                 max_bandwidth=max_bandwidth,
                 auto_converge=auto_converge,
             ),
-            # GuestRAM is a private anonymous mapping, so the residency hint holds.
-            never_backed=AnonymousRAM(vm.ram.view).never_backed,
+            # GuestRAM is a memfd: its holes are the pages the guest never wrote.
+            never_backed=MemfdRAM(vm.ram.fd, vm.ram.view).never_backed,
         )
         outbox: queue.SimpleQueue[Message | bytes | None] = queue.SimpleQueue()
         replies: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
@@ -722,7 +748,14 @@ def ferry_nodes_case(case: Case, repeats: int) -> list[Result]:
         )
         source, dest = a, b
         for _ in range(repeats):
-            status = cluster.migrate(source, dest, "vm", options)
+            # Prepared first, so the guest speed below covers the migration itself.
+            prepared = cluster.prepare(dest, source.get("vm").spec)
+            instret = source.get("vm").instret
+            status = cluster.migrate(source, dest, "vm", options, prepared=prepared)
+            # The destination resumed at the source's last instruction and has run only a
+            # moment since: its count less the count before is (nearly) what ran meanwhile.
+            ran = dest.get("vm").instret - instret if status.resumed_at else 0
+            mips = ran / max(status.total_time_ms, 1e-6) / 1e3
             name = types_pb2.MigrationState.Name(status.status)
             name = name.removeprefix("MIGRATION_STATE_").lower()
             if status.status != types_pb2.MIGRATION_STATE_COMPLETED:
@@ -733,6 +766,7 @@ def ferry_nodes_case(case: Case, repeats: int) -> list[Result]:
                         0,
                         status.transferred,
                         status.dirty_sync_count,
+                        guest_mips=mips,
                         note=status.error[:90],
                     )
                 )
@@ -750,6 +784,7 @@ def ferry_nodes_case(case: Case, repeats: int) -> list[Result]:
                     status.transferred,
                     status.dirty_sync_count,
                     status.mbps / 8,
+                    guest_mips=mips,
                     guest_ok=ok,
                     note="" if ok else "guest stopped ticking after the migration",
                 )
@@ -983,7 +1018,7 @@ def _ratio(a: float, b: float) -> str:
 
 def print_table(rows: list[tuple[Case, CaseResults]]) -> None:
     header = (
-        f"{'RAM / WSS / dirty':>24} | {'VMM':5} {'n':>2} {'status':>9} {'total ms':>9} "
+        f"{'RAM / WSS / dirty':>24} | {'VMM':6} {'n':>2} {'status':>9} {'total ms':>9} "
         f"{'down ms':>8} {'MiB sent':>9} {'syncs':>5} {'r0 MB/s':>8} | "
         f"{'total':>5} {'down':>5} {'sent':>5}"
     )
@@ -992,7 +1027,7 @@ def print_table(rows: list[tuple[Case, CaseResults]]) -> None:
     for case, res in rows:
         qemu = median_result(res.qemu)
         first = True
-        for name, runs in (("core", res.ferry), ("node", res.nodes), ("QEMU", res.qemu)):
+        for name, runs in (("node", res.nodes), ("inproc", res.ferry), ("QEMU", res.qemu)):
             r = median_result(runs)
             n = len(runs)
             if r is None:
@@ -1006,7 +1041,7 @@ def print_table(rows: list[tuple[Case, CaseResults]]) -> None:
             label = case.label if first else ""
             first = False
             print(
-                f"{label:>24} | {name:5} {n:>2} {r.status:>9} {r.total_ms:9.0f} "
+                f"{label:>24} | {name:6} {n:>2} {r.status:>9} {r.total_ms:9.0f} "
                 f"{r.downtime_ms:8.1f} {r.transferred / MiB:9.1f} {r.syncs:5d} "
                 f"{r.round0_mbs:8.0f} | {ratios}"
             )
@@ -1027,9 +1062,15 @@ def main() -> None:
     print(f"  stream alone, ready-made bytes            {ceiling.raw / 1e6:7.0f} MB/s")
     print(f"  protobuf messages serialised and parsed   {ceiling.proto / 1e6:7.0f} MB/s")
     print(
+        f"  ready-made bytes landed in fresh memory   {ceiling.land / 1e6:7.0f} MB/s "
+        f"({ceiling.land / ceiling.raw:.0%} of the raw stream: what receiving into RAM "
+        "never written before costs any destination)"
+    )
+    print(
         f"  Ferry round 0, sender -> receiver ({SYNTHETIC_MIB} MiB synthetic RAM, no vCPU): "
         f"{ceiling.ferry / 1e6:.0f} MB/s = {ceiling.ferry / ceiling.raw:.0%} of the raw stream, "
-        f"{ceiling.ferry / ceiling.proto:.0%} of protobuf's; compression auto chose to "
+        f"{ceiling.ferry / ceiling.proto:.0%} of protobuf's, "
+        f"{ceiling.ferry / ceiling.land:.0%} of landing in fresh memory; compression auto chose to "
         f"compress {ceiling.compressed} bytes"
     )
     sys.stdout.flush()
@@ -1061,28 +1102,33 @@ def main() -> None:
         res = run_case(case, repeats, with_nodes)
         rows.append((case, res))
         print(
-            f"  {case.label}: Ferry fill {res.fill_s:.1f} s; total ms Ferry "
-            f"{[round(r.total_ms) for r in res.ferry]}, "
+            f"  {case.label}: Ferry fill {res.fill_s:.1f} s; total ms "
             f"ferry-node {[round(r.total_ms) for r in res.nodes]}, "
+            f"inproc {[round(r.total_ms) for r in res.ferry]}, "
             f"QEMU {[round(r.total_ms) for r in res.qemu]}; "
-            f"Ferry guest MIPS while migrating {[round(r.guest_mips, 2) for r in res.ferry]}",
+            "guest MIPS while migrating: ferry-node "
+            f"{[round(r.guest_mips, 2) for r in res.nodes]}, "
+            f"inproc {[round(r.guest_mips, 2) for r in res.ferry]}",
             flush=True,
         )
     print()
     print_table(rows)
-    round0 = [
-        r.round0_mbs * 1e6
-        for case, res in rows
-        if not case.cap_mbs
-        for r in res.ferry
-        if r.status == "completed" and r.round0_mbs
-    ]
-    if round0:
-        r0 = statistics.median(round0)
-        print(
-            f"\nFerry round 0 with the dirtier's vCPU running (median over the cases): "
-            f"{r0 / 1e6:.0f} MB/s = {r0 / ceiling.raw:.0%} of the raw stream ceiling"
-        )
+    print()
+    for name, pick in (("ferry-node", "nodes"), ("in the vCPU's process", "ferry")):
+        round0 = [
+            r.round0_mbs * 1e6
+            for case, res in rows
+            if not case.cap_mbs
+            for r in getattr(res, pick)
+            if r.status == "completed" and r.round0_mbs
+        ]
+        if round0:
+            r0 = statistics.median(round0)
+            print(
+                f"Ferry round 0 with the dirtier's vCPU running, {name} (median over the "
+                f"cases): {r0 / 1e6:.0f} MB/s = {r0 / ceiling.raw:.0%} of the raw stream, "
+                f"{r0 / ceiling.land:.0%} of landing in fresh memory"
+            )
     print(f"bench took {time.monotonic() - t0:.0f} s")
 
 
