@@ -31,6 +31,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +55,10 @@ from vmcore.vm import VM, VMConfig, VMState, VMStateError
 SLICE_INSTRUCTIONS = 20_000
 """Instructions per slice: ~1-2 ms of guest time, short enough that commands and console
 readers are served promptly, long enough that the loop's own overhead stays small."""
+
+INCOMING_GRACE_S = 5.0
+"""How long an incoming migration's stream may take to deliver its last answer once the
+worker stops listening (a stalled stream is cut after this)."""
 
 EXIT_LOAD_FAILED = 3
 EXIT_ALREADY_RUNNING = 4
@@ -397,12 +402,16 @@ class Worker:
             return types_pb2.MigrationStatus(vm=self.name, status=types_pb2.MIGRATION_STATE_NONE)
         return self.outgoing.status()
 
-    def stop_incoming_server(self) -> None:
+    def stop_incoming_server(self) -> threading.Event | None:
         """Stop listening for migration streams; the one in progress gets a few seconds to
-        deliver its last answer (``Resumed``)."""
-        if self._incoming_server is not None:
-            self._incoming_server.stop(5.0)
-            self._incoming_server = None
+        deliver its last answer (``Resumed``, or a refusal). Returns the event set once it
+        has, for a worker about to exit to wait on: leaving at once would reset the
+        connection and could destroy an answer still on its way."""
+        server, self._incoming_server = self._incoming_server, None
+        if server is None:
+            return None
+        stopped: threading.Event = server.stop(INCOMING_GRACE_S)
+        return stopped
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -589,9 +598,11 @@ async def _serve(args: argparse.Namespace, vm_dir: VMDir) -> int:
         worker.close_migration_process()
         vm_dir.write_status(_final_status(worker))
         console.close()
-        worker.stop_incoming_server()
+        incoming_stopped = worker.stop_incoming_server()
         # Let console followers drain the last bytes before the socket goes away.
         await trio.to_thread.run_sync(lambda: server.stop(2.0).wait())
+        if incoming_stopped is not None:
+            await trio.to_thread.run_sync(incoming_stopped.wait, INCOMING_GRACE_S)
         nursery.cancel_scope.cancel()
     with contextlib.suppress(FileNotFoundError):
         vm_dir.socket.unlink()
