@@ -60,6 +60,12 @@ INCOMING_GRACE_S = 5.0
 """How long an incoming migration's stream may take to deliver its last answer once the
 worker stops listening (a stalled stream is cut after this)."""
 
+MIGRATING_SLICE_INSTRUCTIONS = 5_000
+"""Instructions per slice while the VM migrates out: the migration process's requests (the
+dirty-log fetch that ends each round, the pause that starts the switchover) are served
+between slices, and every instruction the guest runs while one waits can dirty pages the
+next round must send."""
+
 EXIT_LOAD_FAILED = 3
 EXIT_ALREADY_RUNNING = 4
 
@@ -183,7 +189,7 @@ class Worker:
                 if state is VMState.RUNNING:
                     began = time.perf_counter()
                     try:
-                        result = self.vm.run_slice(SLICE_INSTRUCTIONS)
+                        result = self.vm.run_slice(self._slice_instructions())
                     except Exception as e:  # VMFailure, or a bug that escaped it
                         if self.vm.state is not VMState.FAILED:
                             self.vm.fail(f"{type(e).__name__}: {e}")
@@ -207,6 +213,11 @@ class Worker:
         finally:
             self.console.flush()
             self.ended.set()
+
+    def _slice_instructions(self) -> int:
+        if self.outgoing is not None and self.outgoing.active:
+            return MIGRATING_SLICE_INSTRUCTIONS
+        return SLICE_INSTRUCTIONS
 
     # -- commands (run in the trio loop) ---------------------------------------------------
 
