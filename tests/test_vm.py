@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,17 @@ def test_corrupted_snapshot_restores_nothing(tmp_path: Path) -> None:
     snap.write_bytes(bytes(blob))
     with pytest.raises(SnapshotError, match="digest"):
         VM.restore_snapshot(snap)
+
+
+def test_a_snapshot_leaves_ram_the_guest_never_wrote_unallocated(tmp_path: Path) -> None:
+    """Guest RAM is shared memory, where reading a page never written allocates it: a
+    snapshot must not turn a small guest's RAM into a fully allocated one."""
+    config = VMConfig(kernel=str(GUESTS / "ticker.elf"), memory=64 << 20, append="ticks=3")
+    vm = VM(config, bytearray().extend)
+    vm.start()
+    vm.run_slice(50_000)
+    ram = vm.machine.ram
+    before = os.fstat(ram.fd).st_blocks * 512
+    assert before < 8 << 20  # the ticker touches a few hundred KiB of 64 MiB
+    vm.snapshot(tmp_path / "t.snap")
+    assert os.fstat(ram.fd).st_blocks * 512 == before

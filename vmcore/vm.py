@@ -243,7 +243,8 @@ class VM:
         if was_running:
             self.pause()
         try:
-            return write_snapshot(path, self.save_state(), self.machine.ram.view)
+            ram = self.machine.ram
+            return write_snapshot(path, self.save_state(), ram.view, ram.never_written())
         finally:
             if was_running:
                 self.resume()
