@@ -525,18 +525,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 return
 
 
-def _build_vm(args: argparse.Namespace, vm_dir: VMDir, console: ConsoleLog) -> VM:
-    if args.restore:
-        return VM.restore_snapshot(args.restore, console=console.write)
-    spec = vm_dir.read_spec()
-    config = VMConfig(
+def vm_config(spec: types_pb2.VMSpec) -> VMConfig:
+    """The board a VM spec describes: what the worker builds, and what a migration's Hello
+    must match (its config hash)."""
+    return VMConfig(
         kernel=spec.kernel,
         memory=spec.memory_bytes,
         bios=spec.bios or "none",
         append=spec.append,
         deterministic=spec.deterministic,
     )
-    return VM(config, console=console.write, incoming=args.incoming)
+
+
+def _build_vm(args: argparse.Namespace, vm_dir: VMDir, console: ConsoleLog) -> VM:
+    if args.restore:
+        return VM.restore_snapshot(args.restore, console=console.write)
+    return VM(vm_config(vm_dir.read_spec()), console=console.write, incoming=args.incoming)
 
 
 def _load_failure_status(args: argparse.Namespace, e: Exception) -> dict[str, Any]:
