@@ -85,6 +85,7 @@ from node.migration.messages import Complete, Hello, Message
 from node.migration.residency import MemfdRAM
 from node.migration.wire import encode_source, migrate_call
 from node.migration_control import BlockingChannel, ControlError, field, pair
+from node.supervisor import signal_name
 
 log = logging.getLogger("ferry-migration")
 
@@ -167,11 +168,7 @@ def death_reason(returncode: int | None) -> str:
     if returncode is None:
         return "migration process stopped answering"
     if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"migration process died: exit code {returncode} ({name})"
+        return f"migration process died: exit code {returncode} ({signal_name(-returncode)})"
     return f"migration process died: exit code {returncode}"
 
 

@@ -22,16 +22,20 @@ import trio
 from node.vmdir import VMDir
 
 
+def signal_name(number: int) -> str:
+    """``SIGKILL`` for 9: how a user knows a signal, whatever its number on this host."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def describe_exit(returncode: int | None) -> str:
     """Why a worker ended, in words a user reads in ``VMInfo.failure``."""
     if returncode is None:
         return "worker process died (exit status unknown: adopted after an agent restart)"
     if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"worker killed by {name}"
+        return f"worker killed by {signal_name(-returncode)}"
     return f"worker exited with status {returncode}"
 
 
