@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -15,15 +14,6 @@ from protos.ferry.v1 import coordinator_pb2, node_pb2, types_pb2
 SUCCEEDED = coordinator_pb2.OPERATION_STATE_SUCCEEDED
 FAILED = coordinator_pb2.OPERATION_STATE_FAILED
 RUNNING = types_pb2.VM_STATE_RUNNING
-
-
-@pytest.fixture
-def cl() -> Iterator[CoordCluster]:
-    c = CoordCluster()
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def finish(cl: CoordCluster, op: coordinator_pb2.Operation) -> coordinator_pb2.Operation:

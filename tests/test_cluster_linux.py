@@ -109,15 +109,6 @@ def sample_clock(cl: CoordCluster, node_name: str, vm: str) -> ClockSample:
     return ClockSample(before, status.guest_seconds, after)
 
 
-@pytest.fixture
-def cl() -> Iterator[CoordCluster]:
-    c = CoordCluster()
-    try:
-        yield c
-    finally:
-        c.close()
-
-
 def migrate_keeping_time(
     cl: CoordCluster, source: str, destination: str
 ) -> types_pb2.MigrationStatus:

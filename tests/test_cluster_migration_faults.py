@@ -7,21 +7,10 @@ and record ownership where the guest really runs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from coordcluster import CoordCluster, migration_available, wait_for
 
 from protos.ferry.v1 import coordinator_pb2, node_pb2, types_pb2
-
-
-@pytest.fixture
-def cl() -> Iterator[CoordCluster]:
-    c = CoordCluster()
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def _migrate(cl: CoordCluster, name: str, to: str) -> coordinator_pb2.Operation:

@@ -10,7 +10,6 @@ StartMigration on the source, WatchMigration to follow).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -32,15 +31,6 @@ from protos.ferry.v1 import node_pb2, types_pb2
 
 COMPLETED = types_pb2.MIGRATION_STATE_COMPLETED
 RUNNING = types_pb2.VM_STATE_RUNNING
-
-
-@pytest.fixture
-def cluster() -> Iterator[Cluster]:
-    c = Cluster()
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 # -- continuity ---------------------------------------------------------------------------

@@ -10,7 +10,6 @@ no copy runs and the VM is reported failed.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 from cluster import (
@@ -32,15 +31,6 @@ FAILED = types_pb2.MIGRATION_STATE_FAILED
 ITERATE = types_pb2.MigrationOptions(max_downtime_ms=1, compression="none")
 # The destination gives up on a silent source this fast (a stalled peer costs seconds).
 INCOMING_TIMEOUT = 3.0
-
-
-@pytest.fixture
-def cluster() -> Iterator[Cluster]:
-    c = Cluster()
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def pair(cluster: Cluster, fault: str) -> tuple[NodeProcess, NodeProcess]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,15 +27,6 @@ from cluster import (
 
 from node.migration_control import _PARTIAL, CHUNK, ControlError, _Assembler, decode, encode, field
 from protos.ferry.v1 import node_pb2, types_pb2
-
-
-@pytest.fixture
-def cluster() -> Iterator[Cluster]:
-    c = Cluster()
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def migration_processes(worker_pid: int) -> list[int]:
