@@ -249,6 +249,9 @@ class OutgoingMigration:
                 if vm.state is VMState.RUNNING:
                     vm.pause()
                     self._paused_vm = True
+                # The sender's final fetch follows every pause: answer it now, saving the
+                # paused guest one round trip (the vCPU cannot store between the two).
+                reply["pages"] = vm.dirty_log.fetch_and_reset().astype("<u4").tobytes()
             elif op == "resume":
                 self._resume()
             elif op == "throttle":

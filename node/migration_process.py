@@ -203,16 +203,21 @@ class _DirtyLog:
     def __init__(self, driver: SourceDriver, page_count: int) -> None:
         self._driver = driver
         self._page_count = page_count
+        # The final fetch, which the worker makes the moment it pauses the guest and sends
+        # with its answer to the pause: one round trip less while the guest is stopped.
+        self.fetched_at_pause: bytes | None = None
 
     def enable(self) -> None:
         self._driver.request("enable")
 
     def disable(self) -> None:
+        self.fetched_at_pause = None
         self._driver.request("disable")
 
     def fetch_and_reset(self) -> np.ndarray:
-        reply = self._driver.request("fetch")
-        raw = field(reply, "pages", bytes)
+        raw, self.fetched_at_pause = self.fetched_at_pause, None
+        if raw is None:
+            raw = field(self._driver.request("fetch"), "pages", bytes)
         if len(raw) % 4:
             raise ControlError("dirty page list is not whole uint32s")
         pages = np.frombuffer(raw, dtype="<u4").astype(np.int64)
@@ -353,9 +358,10 @@ class SourceDriver:
         """Run the migration ``start`` describes to its end."""
         endpoint = field(start, "endpoint", str)
         page_count = len(self._ram) // 4096
+        self._dirty_log = _DirtyLog(self, page_count)
         self._sender = MigrationSender(
             self._ram,
-            _DirtyLog(self, page_count),
+            self._dirty_log,
             self._save_state,
             token=field(start, "token", bytes),
             config_hash=field(start, "config_hash", str),
@@ -449,10 +455,12 @@ class SourceDriver:
             if isinstance(action, SendMessage):
                 self._send(action.message)
             elif isinstance(action, PauseVM):
-                self.request("pause")
+                reply = self.request("pause")
                 self._paused_at = time.monotonic()
+                self._dirty_log.fetched_at_pause = field(reply, "pages", bytes)
                 self._fault_at("switchover")
             elif isinstance(action, ResumeVM):
+                self._dirty_log.fetched_at_pause = None
                 self.request("resume")
             elif isinstance(action, SetThrottle):
                 self.request("throttle", percent=action.percent)
