@@ -88,7 +88,8 @@ from node.migration import (  # noqa: E402
     wire,
 )
 from node.migration.messages import DestinationMessage, Message, SourceMessage  # noqa: E402
-from node.migration.residency import AnonymousRAM, MemfdRAM  # noqa: E402
+from node.migration.residency import MemfdRAM  # noqa: E402
+from vmcore.memory import GuestRAM  # noqa: E402
 
 DIRTIER = ROOT / "guests" / "build" / "dirtier.elf"
 QEMU = "qemu-system-riscv64"
@@ -240,21 +241,20 @@ def answer_in_parallel(
 
 def _synthetic_receiver_main(ram_size: int, window: int, ports: Any) -> None:
     """A destination process running the real receiver into a fresh RAM buffer per stream."""
-    import mmap
-
     sys.setswitchinterval(SWITCH_INTERVAL)
 
     def migrate(
         requests: Iterator[SourceMessage], context: grpc.ServicerContext
     ) -> Iterator[DestinationMessage]:
-        ram = mmap.mmap(-1, ram_size)
+        # Fresh guest RAM as an incoming worker has it (a memfd), backed as it backs it.
+        ram = GuestRAM(ram_size)
         receiver = MigrationReceiver(
-            memoryview(ram),
+            ram.view,
             token=TOKEN,
             config_hash="synthetic",
             restore=lambda s: None,
             window=window,
-            before_write=AnonymousRAM(memoryview(ram)).back,
+            before_write=MemfdRAM(ram.fd, ram.view).back,
         )
 
         def handle(message: SourceMessage) -> list[DestinationMessage]:

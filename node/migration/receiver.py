@@ -93,7 +93,7 @@ class MigrationReceiver:
         before_write: Callable[[np.ndarray], None] | None = None,
     ) -> None:
         """``before_write(pages)``, if given, is called with a validated batch's data pages
-        just before they are written (e.g. :meth:`node.migration.residency.AnonymousRAM.back`)."""
+        just before they are written (e.g. :meth:`node.migration.residency.MemfdRAM.back`)."""
         if len(ram) == 0 or len(ram) % page_size:
             raise ValueError(f"RAM of {len(ram)} bytes is not a whole number of pages")
         if window < 1:

@@ -1,44 +1,32 @@
-"""Which pages of guest RAM the host kernel has never backed, so round 0 need not read them.
+"""Which pages of guest RAM were never written, so round 0 need not read them; and backing
+the pages a destination is about to write, in a few calls.
 
-Round 0 looks at every page to find the non-zero ones. Reading a page of an anonymous
-mapping that was never written makes the kernel map its shared zero page, one fault per
-page: scanning 1 GiB of mostly untouched RAM costs ~0.3 s on this class of machine, far more
-than sending a small working set. Linux says, without faulting anything, which pages of a
-mapping are present in memory or swapped out (``/proc/self/pagemap``, 8 bytes per page);
-in a *private anonymous* mapping a page that is neither has never been written since it was
-mapped or discarded, and reads as zero. So the scan reads only the others.
+Round 0 looks at every page to find the non-zero ones. Guest RAM is a shared ``memfd``
+(``vmcore.memory.GuestRAM``, shared so that the migration process can map it), and reading a
+page of a shared tmpfs mapping that was never written does not map the zero page: it
+allocates one. Scanning 1 GiB of mostly untouched RAM would cost far more than sending a
+small working set, and leave all of it allocated. The file itself says which pages hold
+data: ``lseek(SEEK_DATA / SEEK_HOLE)`` walks its holes, the pages never written, from any
+process that holds the descriptor and without faulting anything (:class:`MemfdRAM`). It is
+the driver, which knows how its RAM was allocated, that hands ``never_backed`` to the
+sender; anywhere the file system will not say, the sender scans every page.
 
 The destination has the opposite problem: every page of round 0 lands in RAM the kernel has
-not backed yet, and writing it faults once per 4 KiB page. :meth:`AnonymousRAM.back` asks
-for a whole run of pages at once (``MADV_POPULATE_WRITE``, Linux 5.14+), which costs about
-half as much per page as faulting them one at a time.
-
-The pagemap answer holds only for private anonymous memory; in a shared or file-backed
-mapping a page that is not present in this process may still hold data. ``vmcore``'s
-``GuestRAM`` is a shared ``memfd`` (so that a helper process can map it), and for that the
-file itself answers: ``lseek(SEEK_DATA / SEEK_HOLE)`` on the memfd walks its holes, the
-pages never written, from any process that holds the descriptor and without faulting
-anything (:class:`MemfdRAM`). It matters even more there, because reading a hole of a
-shared tmpfs mapping does not map the zero page: it allocates a page. Hence it is the
-driver, which knows how its RAM was allocated, that hands ``never_backed`` to the sender.
-Anywhere the kernel will not say (not Linux, a restricted /proc, a host page size other
-than the guest's), the sender scans every page.
+not backed yet, and writing it faults once per 4 KiB page. :meth:`MemfdRAM.back` asks for a
+whole run of pages at once (``MADV_POPULATE_WRITE``, Linux 5.14+), which costs about half as
+much per page as faulting them one at a time.
 """
 
 from __future__ import annotations
 
 import ctypes
 import mmap
-import os
 import sys
 
 import numpy as np
 
 from vmcore.memory import file_holes
 
-_PRESENT = np.uint64(1 << 63)
-_SWAPPED = np.uint64(1 << 62)
-_ENTRY = 8
 _MADV_POPULATE_WRITE = 23
 # More runs than this in one batch and faulting page by page is as cheap as the calls.
 _MAX_RUNS = 16
@@ -108,44 +96,3 @@ class MemfdRAM(_Backing):
         """Boolean per page in [first, last): True where the file has a hole (the page was
         never written, so it is zero). None when the file system will not say."""
         return file_holes(self._fd, first, min(last, self._page_count), self._page_size)
-
-
-class AnonymousRAM(_Backing):
-    """Residency queries for one private anonymous mapping (the caller vouches for that)."""
-
-    def __init__(self, ram: memoryview, page_size: int = 4096) -> None:
-        super().__init__(_address_of(ram, page_size), page_size)
-        self._first_entry = 0
-        self._fd: int | None = None
-        address = self._address
-        if not address:
-            return
-        try:
-            self._fd = os.open("/proc/self/pagemap", os.O_RDONLY)
-        except OSError:
-            return
-        self._first_entry = address // page_size
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __del__(self) -> None:
-        self.close()
-
-    def never_backed(self, first: int, last: int) -> np.ndarray | None:
-        """Boolean per page in [first, last): True where the page was never backed (so it
-        is zero). None when the kernel will not say; then every page must be read."""
-        if self._fd is None or last <= first:
-            return None
-        size = (last - first) * _ENTRY
-        try:
-            raw = os.pread(self._fd, size, (self._first_entry + first) * _ENTRY)
-        except OSError:
-            return None
-        if len(raw) != size:
-            return None
-        entries = np.frombuffer(raw, dtype=np.uint64)
-        backed: np.ndarray = (entries & (_PRESENT | _SWAPPED)) != 0
-        return ~backed
