@@ -249,9 +249,14 @@ class OutgoingMigration:
                 if vm.state is VMState.RUNNING:
                     vm.pause()
                     self._paused_vm = True
-                # The sender's final fetch follows every pause: answer it now, saving the
-                # paused guest one round trip (the vCPU cannot store between the two).
+                # The sender's final fetch and its request for the device state follow
+                # every pause: answer both now, saving the paused guest two round trips.
+                # Nothing the guest does can come between (its vCPU is stopped).
                 reply["pages"] = vm.dirty_log.fetch_and_reset().astype("<u4").tobytes()
+                try:
+                    reply["state"] = msgpack.packb(self._save_state(), use_bin_type=True)
+                except Exception as e:  # reported when the sender asks for the state
+                    reply["state_error"] = f"{type(e).__name__}: {e}"
             elif op == "resume":
                 self._resume()
             elif op == "throttle":

@@ -269,6 +269,8 @@ class SourceDriver:
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._call: Any = None
         self._sender: MigrationSender | None = None
+        # The worker's answer to the switchover's pause, holding the device state.
+        self._saved_at_pause: dict[str, Any] | None = None
         self._rounds_seen: set[int] = set()
         self._dropped = False
         self._outstanding = False
@@ -328,7 +330,13 @@ class SourceDriver:
                 log.error("control channel: unexpected %r from the worker", op)
 
     def _save_state(self) -> dict[str, Any]:
-        state = msgpack.unpackb(field(self.request("save"), "state", bytes), raw=False)
+        saved, self._saved_at_pause = self._saved_at_pause, None
+        if saved is None:
+            saved = self.request("save")
+        error = saved.get("state_error")
+        if error:
+            raise RuntimeError(str(error))
+        state = msgpack.unpackb(field(saved, "state", bytes), raw=False)
         if not isinstance(state, dict):
             raise ControlError("device state is not a map")
         return state
@@ -457,10 +465,14 @@ class SourceDriver:
             elif isinstance(action, PauseVM):
                 reply = self.request("pause")
                 self._paused_at = time.monotonic()
+                # The worker answers the pause with what the switchover asks next: the
+                # final dirty set and the device state (or why it could not be saved).
                 self._dirty_log.fetched_at_pause = field(reply, "pages", bytes)
+                self._saved_at_pause = reply
                 self._fault_at("switchover")
             elif isinstance(action, ResumeVM):
                 self._dirty_log.fetched_at_pause = None
+                self._saved_at_pause = None
                 self.request("resume")
             elif isinstance(action, SetThrottle):
                 self.request("throttle", percent=action.percent)
