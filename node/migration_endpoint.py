@@ -265,8 +265,6 @@ class OutgoingMigration:
                     raise ControlError(f"throttle of {percent}%")
                 worker.throttle = percent
                 log.info("migration: vCPU throttled %d%%", percent)
-            elif op == "save":
-                reply["state"] = msgpack.packb(self._save_state(), use_bin_type=True)
             elif op == "completing":
                 self._complete_sent = True
             elif op == "outcome":

@@ -330,9 +330,11 @@ class SourceDriver:
                 log.error("control channel: unexpected %r from the worker", op)
 
     def _save_state(self) -> dict[str, Any]:
+        # The sender saves the state only in its switchover, after its pause, whose answer
+        # carried it (saved while the vCPU was stopped).
         saved, self._saved_at_pause = self._saved_at_pause, None
         if saved is None:
-            saved = self.request("save")
+            raise ControlError("the device state was asked for before the guest was paused")
         error = saved.get("state_error")
         if error:
             raise RuntimeError(str(error))
