@@ -13,6 +13,11 @@
  * Every 100 ms it prints `tick N sum=0x...`, the sum of every page's header
  * word read from memory: constant when rate=0, new every tick otherwise.
  *
+ * With rate=0 it is an idle guest: between ticks it waits for the timer with
+ * wfi, as an idle kernel does, instead of polling the clock, so its host is
+ * free to do other work (a migration's transfer, say). It takes no interrupt:
+ * wfi wakes on a pending enabled interrupt even while mstatus.MIE is clear.
+ *
  * Page contents are a pure function of (page, version), so expected values
  * never depend on reading memory back:
  *   word 0         H(p, v)             the header, rewritten on every dirtying
@@ -222,6 +227,10 @@ int main(unsigned long hartid, const void *fdt)
     kprintf("\n");
     fill();
 
+    int idle = !flat_out && rate == 0;
+    if (idle)
+        CSR_SET(mie, MIE_MTIE);
+
     uint64_t tick = 0;
     uint64_t writes = 0;        /* writes accounted for so far: the next one is number `writes` */
     uint64_t skipped = 0;       /* writes given up because the machine could not keep up */
@@ -264,6 +273,12 @@ int main(unsigned long hartid, const void *fdt)
             /* Paused or migrated for longer than a tick: carry on from now. */
             if (now - tick_start >= TICK)
                 tick_start = now;
+            continue;
+        }
+        if (idle) {
+            MMIO64(CLINT_MTIMECMP) = tick_start + TICK;
+            if (mtime_now() - tick_start < TICK)
+                __asm__ volatile("wfi");
             continue;
         }
         if (flat_out) {
