@@ -254,7 +254,7 @@ def _synthetic_receiver_main(ram_size: int, window: int, ports: Any) -> None:
             config_hash="synthetic",
             restore=lambda s: None,
             window=window,
-            before_write=MemfdRAM(ram.fd, ram.view).back,
+            write_run=MemfdRAM(ram.fd, ram.view).write_run,
         )
 
         def handle(message: SourceMessage) -> list[DestinationMessage]:
@@ -458,7 +458,7 @@ class VMHost:
             config_hash=config_hash(config),
             restore=restore,
             window=window or WINDOW,
-            before_write=MemfdRAM(vm.ram.fd, vm.ram.view).back,
+            write_run=MemfdRAM(vm.ram.fd, vm.ram.view).write_run,
         )
 
         def migrate(

@@ -414,7 +414,7 @@ class IncomingMigration:
             window=WINDOW,
             idle_timeout_s=timeout_s,
             # Have each batch's pages backed at once, not faulted in one by one.
-            before_write=MemfdRAM(worker.vm.ram.fd, worker.vm.ram.view).back,
+            write_run=MemfdRAM(worker.vm.ram.fd, worker.vm.ram.view).write_run,
         )
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:

@@ -90,10 +90,12 @@ class MigrationReceiver:
         idle_timeout_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         page_size: int = PAGE_SIZE,
-        before_write: Callable[[np.ndarray], None] | None = None,
+        write_run: Callable[[int, np.ndarray], None] | None = None,
     ) -> None:
-        """``before_write(pages)``, if given, is called with a validated batch's data pages
-        just before they are written (e.g. :meth:`node.migration.residency.MemfdRAM.back`)."""
+        """``write_run(first, data)``, if given, writes validated pages in place of a store
+        into ``ram``: ``data`` (rows of whole pages) to the pages from ``first`` on. An
+        incoming worker passes :meth:`node.migration.residency.MemfdRAM.write_run`, which
+        writes through guest RAM's file instead of faulting each page into the mapping."""
         if len(ram) == 0 or len(ram) % page_size:
             raise ValueError(f"RAM of {len(ram)} bytes is not a whole number of pages")
         if window < 1:
@@ -108,7 +110,7 @@ class MigrationReceiver:
         self._token = bytes(token)
         self._config_hash = config_hash
         self._restore = restore
-        self._before_write = before_write
+        self._write_run = write_run
         self._window = window
         self._idle_timeout_s = idle_timeout_s
         self._clock = clock
@@ -230,14 +232,19 @@ class MigrationReceiver:
             decoded = decode_batch(batch, self._page_count, self._page_size)
         except BatchError as exc:
             raise _Invalid(f"batch {batch.seq}: {exc}") from None
-        if self._before_write is not None:
-            self._before_write(decoded.pages)
         if decoded.run_start >= 0:
-            # One run of pages (most batches): a slice is one memcpy, fancy indexing is not.
-            first = decoded.run_start
-            self._pages[first : first + len(decoded.pages)] = decoded.data
+            self._write(decoded.run_start, decoded.data)
         elif len(decoded.pages):
-            self._pages[decoded.pages] = decoded.data
+            pages = decoded.pages
+            if self._write_run is None:
+                self._pages[pages] = decoded.data
+            else:
+                # Sorted or not, a batch is a few runs of consecutive pages: one write each.
+                breaks = np.flatnonzero(np.diff(pages.astype(np.int64)) != 1) + 1
+                starts = np.concatenate(([0], breaks))
+                ends = np.concatenate((breaks, [len(pages)]))
+                for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+                    self._write_run(int(pages[start]), decoded.data[start:end])
         if len(decoded.zero_pages):
             self._pages[decoded.zero_pages] = 0
             self.digest.update_zero(decoded.zero_pages)
@@ -256,6 +263,13 @@ class MigrationReceiver:
             return []
         credit, self._unacked = self._unacked, 0
         return [SendMessage(Ack(acked_seq=batch.seq, credit=credit))]
+
+    def _write(self, first: int, data: np.ndarray) -> None:
+        if self._write_run is not None:
+            self._write_run(first, data)
+        else:
+            # A slice is one memcpy; fancy indexing is not.
+            self._pages[first : first + len(data)] = data
 
     def stats(self) -> dict[str, Any]:
         """What the destination has taken in so far."""
