@@ -413,7 +413,7 @@ class IncomingMigration:
             restore=self._restore,
             window=WINDOW,
             idle_timeout_s=timeout_s,
-            # Have each batch's pages backed at once, not faulted in one by one.
+            # Pages go into the memfd by pwrite, not faulted into the mapping one by one.
             write_run=MemfdRAM(worker.vm.ram.fd, worker.vm.ram.view).write_run,
         )
 
