@@ -43,7 +43,8 @@ in ``wfi``, on both VMMs, and leaves the host's cores to the migration. At 4 and
 runs flat out, and its vCPU competes with the migration for the two cores.
 
 ``--quick`` runs two small cases once (a smoke run); ``--policy`` runs only the two cases
-that cannot converge on their own; ``--no-nodes`` leaves out ferry-node.
+that cannot converge on their own; ``--case RAM,WSS,RATE`` runs the cases named instead;
+``--no-nodes`` leaves out ferry-node.
 """
 
 from __future__ import annotations
@@ -1076,7 +1077,28 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument(
         "--no-nodes", action="store_true", help="leave out the ferry-node rows (faster)"
     )
+    parser.add_argument(
+        "--case",
+        metavar="RAM,WSS,RATE",
+        action="append",
+        type=_case,
+        help="run this case (RAM and working set in MiB, RATE in pages per ms: 0, 1 = 4 MB/s, "
+        "16 = 64 MB/s) instead of the default set; may be repeated",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=0, help="runs per case and VMM (default 3; --quick: 1)"
+    )
     return parser.parse_args()
+
+
+def _case(text: str) -> Case:
+    try:
+        ram, wss, rate = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not RAM,WSS,RATE (three integers)") from None
+    if ram <= 0 or not 0 < wss < ram or rate < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 < WSS < RAM and RATE >= 0")
+    return Case(ram, wss, rate)
 
 
 def main() -> None:
@@ -1110,7 +1132,9 @@ def main() -> None:
     # the highest budget Ferry's policy will raise to. With auto-converge the throttled
     # guest dirties less and the migration converges; without, the policy must cancel.
     policy = [Case(256, 4, 16, cap_mbs=2.0, auto_converge=ac) for ac in (True, False)]
-    if args.policy:
+    if args.case:
+        cases = args.case
+    elif args.policy:
         cases = policy
     elif quick:
         cases = [Case(256, 16, rate) for rate in (0, 16)]
@@ -1121,7 +1145,7 @@ def main() -> None:
             for wss in (16, 128)
             for rate in (0, 1, 16)
         ] + policy
-    repeats = 1 if quick else 3
+    repeats = args.repeats or (1 if quick else 3)
     print(
         f"\ndirtier migrated on this host, downtime limit {DOWNTIME_MS:g} ms, unlimited bandwidth "
         f"unless a cap is shown; median of {repeats} by total time (capped cases run once); "
