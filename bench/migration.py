@@ -671,6 +671,8 @@ class Result:
     guest_mips: float = 0.0
     note: str = ""
     guest_ok: bool = True
+    # ferry-node only: where the downtime went (MigrationStatus.downtime_phases_ms).
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def ferry_migrate(source: HostProcess, dest: HostProcess, case: Case) -> Result:
@@ -795,6 +797,7 @@ def ferry_nodes_case(case: Case, repeats: int) -> list[Result]:
                     guest_mips=mips,
                     guest_ok=ok,
                     note="" if ok else "guest stopped ticking after the migration",
+                    phases=dict(status.downtime_phases_ms),
                 )
             )
             if not ok:
@@ -1023,6 +1026,16 @@ def median_result(results: list[Result]) -> Result | None:
     return sorted(done, key=lambda r: r.total_ms)[(len(done) - 1) // 2]
 
 
+def _phases_line(results: list[Result]) -> str:
+    """"; ferry-node downtime phases (median ms): pause 1.0 + ..." or nothing."""
+    names = ("pause", "final-round", "destination")
+    runs = [r.phases for r in results if all(n in r.phases for n in names)]
+    if not runs:
+        return ""
+    medians = " + ".join(f"{n} {statistics.median(p[n] for p in runs):.1f}" for n in names)
+    return f"; ferry-node downtime phases (median ms): {medians}"
+
+
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:5.2f}" if b > 0 else "    -"
 
@@ -1165,7 +1178,8 @@ def main() -> None:
             f"QEMU {[round(r.total_ms) for r in res.qemu]}; "
             "guest MIPS while migrating: ferry-node "
             f"{[round(r.guest_mips, 2) for r in res.nodes]}, "
-            f"inproc {[round(r.guest_mips, 2) for r in res.ferry]}",
+            f"inproc {[round(r.guest_mips, 2) for r in res.ferry]}"
+            f"{_phases_line(res.nodes)}",
             flush=True,
         )
     print()

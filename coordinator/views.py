@@ -100,7 +100,21 @@ def migration_json(m: types_pb2.MigrationStatus) -> dict[str, Any]:
         "dirty_sync_count": m.dirty_sync_count,
         "mbps": round(m.mbps, 3),
         "error": m.error,
+        "downtime_phases_ms": {k: round(v, 3) for k, v in m.downtime_phases_ms.items()},
     }
+
+
+_PHASE_ORDER = ("pause", "final-round", "destination")
+
+
+def downtime_phases(m: types_pb2.MigrationStatus) -> str:
+    """Where a migration's downtime went, one line: "pause 1.2 + final-round 0.8 +
+    destination 3.1 ms"; empty before the switchover."""
+    phases = m.downtime_phases_ms
+    names = [n for n in _PHASE_ORDER if n in phases] + sorted(set(phases) - set(_PHASE_ORDER))
+    if not names:
+        return ""
+    return " + ".join(f"{name} {phases[name]:.1f}" for name in names) + " ms"
 
 
 def op_json(op: coordinator_pb2.Operation) -> dict[str, Any]:
@@ -250,6 +264,9 @@ def op_detail(op: coordinator_pb2.Operation) -> str:
                 rows,
             )
         )
+        for i in op.items:
+            if phases := downtime_phases(i.migration):
+                lines.append(f"downtime of {i.vm}: {phases}")
     return "\n".join(lines)
 
 

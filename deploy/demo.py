@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 
+from coordinator.views import downtime_phases
 from deploy import localcluster
 from protos.ferry.v1 import coordinator_pb2, coordinator_pb2_grpc, node_pb2
 
@@ -182,7 +183,7 @@ def migration_rows(address: str) -> list[tuple[str, ...]]:
                     f"{m.downtime_ms:.1f}" if live else "-",
                     f"{m.total_time_ms:.0f}" if live else "-",
                     human(m.transferred) if live else "-",
-                    item.message if not live else "",
+                    downtime_phases(m) if live else item.message,
                 )
             )
     return rows
@@ -307,7 +308,8 @@ def run(root: Path) -> None:
 
     say("What moved")
     print_table(
-        ("VM", "MOVE", "BY", "DOWNTIME-MS", "TOTAL-MS", "SENT", "NOTE"), migration_rows(address)
+        ("VM", "MOVE", "BY", "DOWNTIME-MS", "TOTAL-MS", "SENT", "DOWNTIME PHASES / NOTE"),
+        migration_rows(address),
     )
     say("Recent cluster events")
     subprocess.run(

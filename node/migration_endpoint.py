@@ -146,6 +146,8 @@ class OutgoingMigration:
         # destination may run the guest, so a dead process leaves the outcome unknown.
         self._complete_sent = False
         self._paused_vm = False
+        # Worker clock (time.monotonic) at the switchover's steps: see _downtime_phases.
+        self._marks: dict[str, float] = {}
         self._cancels_sent = 0
         self._cancels_seen = 0
         self._update = trio.Event()
@@ -161,9 +163,26 @@ class OutgoingMigration:
         status = status_to_pb(
             self._stats, vm=self._worker.name, error=self.reason, destination=self.endpoint
         )
-        status.paused_at = self.paused_at
+        # The vCPU stops here, in the worker: its clock, not the process's (which learns
+        # of the pause a reply later), says when the guest stopped.
+        status.paused_at = self._marks.get("paused", self.paused_at)
         status.resumed_at = self.resumed_at
+        status.downtime_phases_ms.update(self._downtime_phases())
         return status
+
+    def _downtime_phases(self) -> dict[str, float]:
+        """Where the switchover's time went, from the steps the worker saw (ms); a phase
+        still under way is left out."""
+        marks = self._marks
+        phases = {}
+        for name, start, end in (
+            ("pause", "paused", "answered"),
+            ("final-round", "answered", "completing"),
+            ("destination", "completing", "resumed"),
+        ):
+            if start in marks and end in marks:
+                phases[name] = (marks[end] - marks[start]) * 1000
+        return phases
 
     async def cancel(self, reason: str = "cancelled by request") -> None:
         """Ask the process to cancel and wait (bounded) until it has: the answer then says
@@ -249,6 +268,7 @@ class OutgoingMigration:
                 if vm.state is VMState.RUNNING:
                     vm.pause()
                     self._paused_vm = True
+                self._marks["paused"] = time.monotonic()
                 # The sender's final fetch and its request for the device state follow
                 # every pause: answer both now, saving the paused guest two round trips.
                 # Nothing the guest does can come between (its vCPU is stopped).
@@ -257,6 +277,7 @@ class OutgoingMigration:
                     reply["state"] = msgpack.packb(self._save_state(), use_bin_type=True)
                 except Exception as e:  # reported when the sender asks for the state
                     reply["state_error"] = f"{type(e).__name__}: {e}"
+                self._marks["answered"] = time.monotonic()
             elif op == "resume":
                 self._resume()
             elif op == "throttle":
@@ -267,6 +288,7 @@ class OutgoingMigration:
                 log.info("migration: vCPU throttled %d%%", percent)
             elif op == "completing":
                 self._complete_sent = True
+                self._marks["completing"] = time.monotonic()
             elif op == "outcome":
                 self._take_outcome(message)
             else:
@@ -301,6 +323,7 @@ class OutgoingMigration:
         self.finished = True
         worker = self._worker
         if kind == "completed":
+            self._marks["resumed"] = time.monotonic()
             log.info("migration to %s completed: %s", self.endpoint, self._stats)
             worker.migrated_away()
             return

@@ -291,6 +291,10 @@ def test_migrate_prints_the_finished_operation(cl: CoordCluster) -> None:
     assert (item["source"], item["destination"]) == ("na", "nb")
     assert item["migration"]["status"] == "completed"
     assert item["migration"]["transferred"] > 0
+    # Where the downtime went reaches the user through the coordinator.
+    phases = item["migration"]["downtime_phases_ms"]
+    assert set(phases) == {"pause", "final-round", "destination"}
+    assert all(ms >= 0 for ms in phases.values())
     again = ferry("vm", "migrate", "mj", "--to", "nb", "--coordinator", cl.coordinator.address)
     assert again.returncode == 1 and again.stderr == "ferry: VM mj already runs on nb\n"
     cl.stub.DeleteVM(cli.node_pb2.VMRef(name="mj"), timeout=60)

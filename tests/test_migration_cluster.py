@@ -48,6 +48,13 @@ def test_a_migrated_dirtier_keeps_its_ticks_sums_and_console(cluster: Cluster) -
     assert final.downtime_ms > 0 and final.dirty_sync_count >= 2
     assert final.normal > 0 and final.duplicate > 0 and final.destination
     assert 0 < final.downtime_ms <= final.total_time_ms
+    # Where the downtime went: every phase, none negative, and together they span at least
+    # the guest's real stop (both ends share this host's clock): the vCPU stopped on the
+    # source, then resumed on the destination, then the source heard of it.
+    phases = dict(final.downtime_phases_ms)
+    assert set(phases) == {"pause", "final-round", "destination"}
+    assert min(phases.values()) >= 0
+    assert 0 < final.resumed_at - final.paused_at <= sum(phases.values()) / 1000
     # The source's copy never runs again and holds no capacity; the destination owns the VM.
     assert a.get("vm").state == types_pb2.VM_STATE_MIGRATED
     deadline = time.monotonic() + 30

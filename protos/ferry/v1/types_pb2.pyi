@@ -432,6 +432,26 @@ class MigrationStatus(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class DowntimePhasesMsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     VM_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     SETUP_TIME_MS_FIELD_NUMBER: _builtins.int
@@ -452,6 +472,7 @@ class MigrationStatus(_message.Message):
     DESTINATION_FIELD_NUMBER: _builtins.int
     PAUSED_AT_FIELD_NUMBER: _builtins.int
     RESUMED_AT_FIELD_NUMBER: _builtins.int
+    DOWNTIME_PHASES_MS_FIELD_NUMBER: _builtins.int
     vm: _builtins.str
     status: Global___MigrationState.ValueType
     setup_time_ms: _builtins.float
@@ -478,6 +499,16 @@ class MigrationStatus(_message.Message):
     answer); these two are comparable only when both ends share a host.
     """
     resumed_at: _builtins.float
+    @_builtins.property
+    def downtime_phases_ms(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Where the downtime went, in ms, as the source's worker saw it: "pause" (stopping the
+        vCPU, the final dirty-log fetch and saving the device state), "final-round" (the last
+        dirty pages and the device state going out), "destination" (from Complete leaving to
+        the worker hearing the guest runs there: the destination's digest check, restore and
+        resume, and the answer's way back). Filled in as the switchover goes; their sum ends
+        at the source learning of the resume, so it is at least the guest's real downtime.
+        """
+
     def __init__(
         self,
         *,
@@ -501,10 +532,11 @@ class MigrationStatus(_message.Message):
         destination: _builtins.str = ...,
         paused_at: _builtins.float = ...,
         resumed_at: _builtins.float = ...,
+        downtime_phases_ms: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compressed_bytes", b"compressed_bytes", "cpu_throttle_percentage", b"cpu_throttle_percentage", "destination", b"destination", "dirty_pages_rate", b"dirty_pages_rate", "dirty_sync_count", b"dirty_sync_count", "downtime_ms", b"downtime_ms", "duplicate", b"duplicate", "error", b"error", "expected_downtime_ms", b"expected_downtime_ms", "mbps", b"mbps", "normal", b"normal", "paused_at", b"paused_at", "remaining", b"remaining", "resumed_at", b"resumed_at", "setup_time_ms", b"setup_time_ms", "status", b"status", "total", b"total", "total_time_ms", b"total_time_ms", "transferred", b"transferred", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compressed_bytes", b"compressed_bytes", "cpu_throttle_percentage", b"cpu_throttle_percentage", "destination", b"destination", "dirty_pages_rate", b"dirty_pages_rate", "dirty_sync_count", b"dirty_sync_count", "downtime_ms", b"downtime_ms", "downtime_phases_ms", b"downtime_phases_ms", "duplicate", b"duplicate", "error", b"error", "expected_downtime_ms", b"expected_downtime_ms", "mbps", b"mbps", "normal", b"normal", "paused_at", b"paused_at", "remaining", b"remaining", "resumed_at", b"resumed_at", "setup_time_ms", b"setup_time_ms", "status", b"status", "total", b"total", "total_time_ms", b"total_time_ms", "transferred", b"transferred", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
