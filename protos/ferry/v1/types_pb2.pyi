@@ -495,8 +495,9 @@ class MigrationStatus(_message.Message):
     """The destination's endpoint (host:port)."""
     paused_at: _builtins.float
     """Monotonic clocks (seconds) of the source when its vCPU stopped and of the destination
-    when its guest resumed: downtime_ms is measured on the source (pause to the Resumed
-    answer); these two are comparable only when both ends share a host.
+    when its guest resumed: downtime_ms is measured on the source (from its vCPU stopping
+    to the source hearing the guest runs at the destination); these two are comparable
+    only when both ends share a host.
     """
     resumed_at: _builtins.float
     @_builtins.property
