@@ -68,7 +68,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -333,6 +333,32 @@ class Ceiling:
     land: float
     ferry: float
     compressed: int = 0
+    # CPU seconds per MiB moved (median), each side: {"raw": (sender, receiver), ...}.
+    cpu: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu() -> float:
+    return time.process_time()
+
+
+_T = TypeVar("_T")
+
+
+def _cpu_per_mib(
+    run: Callable[[], _T], peer: int, nbytes: int
+) -> tuple[_T, tuple[float, float]]:
+    """(what ``run`` returns, (this process's, ``peer``'s) CPU seconds per MiB over it)."""
+    own, other = _own_cpu(), _process_cpu(peer)
+    result = run()
+    mib = nbytes / MiB
+    return result, ((_own_cpu() - own) / mib, (_process_cpu(peer) - other) / mib)
 
 
 def measure_ceiling(runs: int = CEILING_RUNS) -> Ceiling:
@@ -350,26 +376,37 @@ def measure_ceiling(runs: int = CEILING_RUNS) -> Ceiling:
     counter, count_port = _spawn(_count_server_main)
     receiver, receive_port = _spawn(_synthetic_receiver_main, len(ram), WINDOW)
     rates: dict[str, list[float]] = {"raw": [], "proto": [], "land": [], "ferry": []}
+    cpu: dict[str, list[tuple[float, float]]] = {"raw": [], "land": [], "ferry": []}
     compressed_bytes = 0
+    streamed = count * BATCH_BYTES
     try:
         for _ in range(runs):
-            rates["raw"].append(
-                count * BATCH_BYTES / _stream_seconds(count_port, "Raw", raw, count)
+            seconds, used = _cpu_per_mib(
+                lambda: _stream_seconds(count_port, "Raw", raw, count), counter.pid, streamed
             )
-            rates["proto"].append(
-                count * BATCH_BYTES / _stream_seconds(count_port, "Proto", proto, count)
+            rates["raw"].append(streamed / seconds)
+            cpu["raw"].append(used)
+            rates["proto"].append(streamed / _stream_seconds(count_port, "Proto", proto, count))
+            seconds, used = _cpu_per_mib(
+                lambda: _stream_seconds(count_port, "Land", raw, count), counter.pid, streamed
             )
-            rates["land"].append(
-                count * BATCH_BYTES / _stream_seconds(count_port, "Land", raw, count)
+            rates["land"].append(streamed / seconds)
+            cpu["land"].append(used)
+            (_, round0, compressed), used = _cpu_per_mib(
+                lambda: synthetic_round0_seconds(receive_port, ram), receiver.pid, nonzero_bytes
             )
-            _, round0, compressed = synthetic_round0_seconds(receive_port, ram)
             rates["ferry"].append(nonzero_bytes / round0)
+            cpu["ferry"].append(used)
             compressed_bytes = max(compressed_bytes, compressed)
     finally:
         counter.terminate()
         receiver.terminate()
     raw_rate, proto_rate, land_rate, ferry_rate = (statistics.median(rates[k]) for k in rates)
-    return Ceiling(raw_rate, proto_rate, land_rate, ferry_rate, compressed_bytes)
+    medians = {
+        k: (statistics.median(s for s, _ in v), statistics.median(r for _, r in v))
+        for k, v in cpu.items()
+    }
+    return Ceiling(raw_rate, proto_rate, land_rate, ferry_rate, compressed_bytes, medians)
 
 
 # ======================================================== Ferry: two VM host processes
@@ -1137,6 +1174,19 @@ def main() -> None:
         f"{ceiling.ferry / ceiling.proto:.0%} of protobuf's, "
         f"{ceiling.ferry / ceiling.land:.0%} of landing in fresh memory; compression auto chose to "
         f"compress {ceiling.compressed} bytes"
+    )
+    ms = {k: (1000 * send, 1000 * receive) for k, (send, receive) in ceiling.cpu.items()}
+    print(
+        "  CPU per MiB moved, sender / receiver: "
+        + ", ".join(f"{k} {s:.2f} / {r:.2f} ms" for k, (s, r) in ms.items())
+    )
+    # On one 2-core host both ends share the cores; on two hosts each end has its own, and
+    # the busier end bounds the stream. Per-MiB CPU says what that bound would be.
+    bound = {k: 1 / max(s, r) / 1000 * MiB for k, (s, r) in ms.items()}
+    print(
+        f"  each end on cores of its own, the busier end bounds the stream at: raw "
+        f"{bound['raw'] / 1e6:.0f} MB/s, landing {bound['land'] / 1e6:.0f}, Ferry "
+        f"{bound['ferry'] / 1e6:.0f} = {bound['ferry'] / bound['raw']:.0%} of raw"
     )
     sys.stdout.flush()
 
