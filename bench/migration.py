@@ -1182,7 +1182,7 @@ def main() -> None:
     )
     # On one 2-core host both ends share the cores; on two hosts each end has its own, and
     # the busier end bounds the stream. Per-MiB CPU says what that bound would be.
-    bound = {k: 1 / max(s, r) / 1000 * MiB for k, (s, r) in ms.items()}
+    bound = {k: 1000 / max(s, r) * MiB for k, (s, r) in ms.items()}
     print(
         f"  each end on cores of its own, the busier end bounds the stream at: raw "
         f"{bound['raw'] / 1e6:.0f} MB/s, landing {bound['land'] / 1e6:.0f}, Ferry "
