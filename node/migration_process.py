@@ -83,7 +83,7 @@ from node.migration import (
 )
 from node.migration.messages import Complete, Hello, Message
 from node.migration.residency import MemfdRAM
-from node.migration.wire import encode_source, migrate_call
+from node.migration.wire import build_pages, encode_source, migrate_call
 from node.migration_control import BlockingChannel, ControlError, field, pair
 from node.supervisor import signal_name
 
@@ -382,6 +382,8 @@ class SourceDriver:
             # The memfd itself says which pages were never written; reading one through
             # the mapping would allocate it.
             never_backed=MemfdRAM(self._ram_fd, self._ram).never_backed,
+            # Batches serialised as they are built: one copy of each payload, RAM to bytes.
+            build_batch=build_pages,
         )
         threading.Thread(target=self._read_control, name="control-reader", daemon=True).start()
         channel = grpc.insecure_channel(endpoint, options=_CHANNEL_OPTIONS)

@@ -87,6 +87,22 @@ def test_auto_compresses_for_a_slow_link_and_not_for_a_fast_one() -> None:
     assert np.array_equal(decode_batch(batch(np.arange(256), payload, encoding), 256).data, data)
 
 
+def test_auto_samples_rarely_where_no_codec_could_win_and_again_once_the_link_slows() -> None:
+    data = compressible_pages(32)
+    # Codecs measured at ~65 MB/s cannot beat a 10 GB/s link, even compressing to nothing.
+    policy = CompressionPolicy("auto", timer=StepTimer(0.0005))
+    for _ in range(400):
+        assert policy.encode(data, link_bandwidth=10e9)[0] == Encoding.RAW
+    assert policy.samples <= 5  # every 16th batch would be 25
+    sampled = policy.samples
+    encoding, _ = policy.encode(data, link_bandwidth=1e6)
+    assert policy.samples == sampled + 1
+    assert encoding in (Encoding.ZSTD, Encoding.LZ4)
+    for _ in range(3 * CompressionPolicy.SAMPLE_EVERY):
+        policy.encode(data, link_bandwidth=1e6)
+    assert policy.samples == sampled + 4
+
+
 def test_auto_sends_raw_before_the_link_is_measured() -> None:
     assert CompressionPolicy("auto").encode(compressible_pages(4), 0.0)[0] == Encoding.RAW
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -261,6 +263,32 @@ def test_a_decoded_batch_payload_is_a_view_of_the_received_bytes() -> None:
     assert batch.payload.obj is data and bytes(batch.payload) == payload
 
 
+@given(batches.filter(lambda b: b.encoding == "raw"), st.data())
+@settings(max_examples=200, deadline=None)
+def test_a_batch_built_in_one_copy_is_the_batch_encode_source_writes(
+    batch: Pages, data: st.DataObject
+) -> None:
+    payload = bytes(batch.payload)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(payload)), max_size=5)))
+    edges = [0, *cuts, len(payload)]
+    parts = [memoryview(payload)[a:b] for a, b in itertools.pairwise(edges)]
+    built = wire.build_pages(batch.seq, batch.round, batch.page_numbers, batch.zero_pages, parts)
+    assert built.serialised == wire.encode_source(batch)
+    assert wire.encode_source(built) is built.serialised
+    assert isinstance(built.payload, memoryview) and built.payload.obj is built.serialised
+    assert same_batch(built, batch)
+    assert pb.SourceMessage.FromString(built.serialised) == wire.source_to_pb(batch)
+
+
+def test_a_changed_copy_of_a_built_batch_is_serialised_afresh() -> None:
+    numbers, zeros = np.array([7], np.uint32), np.array([], np.uint32)
+    built = wire.build_pages(4, 1, numbers, zeros, [memoryview(b"a" * 8)])
+    changed = dataclasses.replace(built, payload=b"b" * 8)
+    assert changed.serialised is None
+    back = wire.decode_source(wire.encode_source(changed))
+    assert isinstance(back, Pages) and bytes(back.payload) == b"b" * 8
+
+
 class SerialisedLoopback(Loopback):
     """A Loopback whose messages cross as the bytes encode_source/decode_source make."""
 
@@ -270,10 +298,16 @@ class SerialisedLoopback(Loopback):
         return wire.decode_destination(wire.encode_destination(message))
 
 
+@pytest.mark.parametrize("built", [False, True], ids=["joined", "built"])
 @pytest.mark.parametrize("compression", ["none", "lz4"])
-def test_a_migration_through_the_serialised_form_arrives_intact(compression: str) -> None:
+def test_a_migration_through_the_serialised_form_arrives_intact(
+    compression: str, built: bool
+) -> None:
     guest = FakeGuest(1024, filled=600, pages_per_slice=30, working_set=200, zero_fraction=0.2)
     lb = SerialisedLoopback(guest, options=MigrationOptions(compression=compression))
+    if built:
+        # As the migration process runs it: batches serialised as the sender builds them.
+        lb.sender._build_batch = wire.build_pages
     lb.run()
     assert isinstance(lb.outcome.source_end, Completed)
     assert bytes(guest.ram) == bytes(lb.dest_ram)

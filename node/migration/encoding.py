@@ -229,12 +229,23 @@ class CompressionPolicy:
     output is smaller) or ``"auto"``: the codec whose predicted send time beats raw's, given
     the link bandwidth, else raw. ``timer`` measures compressor speed; it is real CPU time,
     not the migration's (possibly simulated) clock.
+
+    "auto" learns the codecs' speed and ratio by compressing a sample of a batch now and
+    then. On a link that even a codec twice as fast as measured, compressing to nothing,
+    could not beat (loopback, where the link outruns both), samples only refresh figures
+    that cannot change the choice, so their interval grows (up to :attr:`SAMPLE_MAX`
+    batches); once the link looks slow enough for a codec to have a chance, the next batch
+    is sampled and sampling returns to every :attr:`SAMPLE_EVERY` batches.
     """
 
     SAMPLE_EVERY = 16
+    SAMPLE_MAX = 1024
     SAMPLE_PAGES = 16
     # A codec is used only when its predicted cost is below this fraction of raw's.
     MARGIN = 0.8
+    # How much faster than measured a codec might turn out on other pages (more repetitive
+    # ones compress faster) before the link is beyond its reach.
+    HEADROOM = 2.0
 
     def __init__(self, mode: str = "auto", timer: Callable[[], float] = time.perf_counter):
         if mode not in COMPRESSION_MODES:
@@ -245,6 +256,9 @@ class CompressionPolicy:
         self._timer = timer
         self._estimates = {Encoding.ZSTD: _CodecEstimate(), Encoding.LZ4: _CodecEstimate()}
         self._batches = 0
+        self._next_sample = 1
+        self._sample_interval = self.SAMPLE_EVERY
+        self.samples = 0
         # Seconds spent compressing, so bandwidth measurement can leave it out.
         self.busy_seconds = 0.0
 
@@ -254,21 +268,43 @@ class CompressionPolicy:
         """Pack the rows of ``data`` (pages) for a link of ``link_bandwidth`` bytes/s.
 
         ``link_bandwidth`` 0 means not measured yet, ``math.inf`` asks for raw. A raw
-        payload is a view of ``data`` (no copy); the sender passes a view of guest RAM and
-        relies on the dirty log to resend a page the guest writes before it is serialised.
+        payload is a view of ``data`` when ``data`` is contiguous (no copy).
         """
         raw = np.ascontiguousarray(data).reshape(-1).data
-        if self.mode == "none" or not len(raw):
+        if not len(raw):
             return Encoding.RAW, raw
-        if self.mode == "auto":
-            self._batches += 1
-            if self._batches % self.SAMPLE_EVERY == 1:
-                self._sample(data)
-            codec = self._best_codec(link_bandwidth)
-            if codec is None:
-                return Encoding.RAW, raw
-        else:
-            codec = Encoding(self.mode)
+        codec = self.choose(link_bandwidth, lambda: data[: self.SAMPLE_PAGES])
+        if codec is None:
+            return Encoding.RAW, raw
+        return self.pack(codec, raw)
+
+    def choose(self, link_bandwidth: float, sample: Callable[[], np.ndarray]) -> Encoding | None:
+        """The codec for the next (non-empty) batch, or None to send it raw.
+
+        ``sample`` returns a few of the batch's pages (rows); it is called only when "auto"
+        measures the codecs, so a caller that would have to gather them pays only then.
+        """
+        if self.mode == "none":
+            return None
+        if self.mode != "auto":
+            return Encoding(self.mode)
+        self._batches += 1
+        reachable = not self._out_of_reach(link_bandwidth)
+        if reachable and self._sample_interval > self.SAMPLE_EVERY:
+            # The link slowed down to where compressing might pay: measure now.
+            self._sample_interval = self.SAMPLE_EVERY
+            self._next_sample = self._batches
+        if self._batches >= self._next_sample:
+            self._sample(np.ascontiguousarray(sample()[: self.SAMPLE_PAGES]))
+            if self._out_of_reach(link_bandwidth):
+                self._sample_interval = min(2 * self._sample_interval, self.SAMPLE_MAX)
+            else:
+                self._sample_interval = self.SAMPLE_EVERY
+            self._next_sample = self._batches + self._sample_interval
+        return self._best_codec(link_bandwidth)
+
+    def pack(self, codec: Encoding, raw: bytes | memoryview) -> tuple[Encoding, bytes | memoryview]:
+        """Compress ``raw`` (whole pages) with ``codec``; raw itself if that is no smaller."""
         t0 = self._timer()
         packed = compress(codec, raw)
         spent = self._timer() - t0
@@ -279,7 +315,8 @@ class CompressionPolicy:
         return codec, packed
 
     def _sample(self, data: np.ndarray) -> None:
-        sample = np.ascontiguousarray(data[: self.SAMPLE_PAGES]).reshape(-1).data
+        self.samples += 1
+        sample = data.reshape(-1).data
         for codec, estimate in self._estimates.items():
             t0 = self._timer()
             packed = compress(codec, sample)
@@ -288,6 +325,19 @@ class CompressionPolicy:
             t2 = self._timer()
             self.busy_seconds += t2 - t0
             estimate.record(len(sample), len(packed), t1 - t0, t2 - t1)
+
+    def _out_of_reach(self, link_bandwidth: float) -> bool:
+        """Whether no codec could beat raw on this link, whatever the pages: even one
+        :attr:`HEADROOM` times faster than measured, with output of no size at all."""
+        if link_bandwidth <= 0:
+            return False  # not measured yet: keep learning
+        for est in self._estimates.values():
+            if not est.measured:
+                return False
+            coding = (est.seconds_per_byte + est.decode_seconds_per_byte) / self.HEADROOM
+            if coding < self.MARGIN / link_bandwidth:
+                return False
+        return True
 
     def _best_codec(self, link_bandwidth: float) -> Encoding | None:
         if link_bandwidth <= 0:

@@ -15,8 +15,10 @@ machine does, before any of them touches RAM.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Protocol
 
 import numpy as np
 
@@ -83,8 +85,34 @@ class Pages:
     page_numbers: np.ndarray = field(default_factory=_no_pages)
     zero_pages: np.ndarray = field(default_factory=_no_pages)
     # bytes, or a memoryview (saves copying 1 MiB): of guest RAM when the sender built the
-    # batch (serialise it when sending it), of the received message after wire.decode_source.
+    # batch (serialise it when sending it), of the received message after wire.decode_source,
+    # or of ``serialised`` below.
     payload: bytes | memoryview = b""
+    # The batch already serialised as the stream carries it, with ``payload`` a view of its
+    # tail, when the sender built it with wire.build_pages: the payload was then copied once,
+    # straight from RAM into the message, and encode_source sends these bytes as they are.
+    # Not an init field, so a copy made with dataclasses.replace (a test tampering with a
+    # batch) has none and is serialised afresh from its own fields.
+    serialised: bytes | None = field(default=None, init=False, repr=False, compare=False)
+
+
+class BuildBatch(Protocol):
+    """Makes a raw batch whose payload is ``parts`` (runs of guest RAM) joined in order.
+
+    The sender knows no wire format, so by default it gathers a batch's pages into a payload
+    that the serialiser then copies into the message. A driver that serialises batches
+    passes :func:`node.migration.wire.build_pages` instead, which joins the runs straight
+    into the serialised message: one copy of the payload on its way from RAM to the socket.
+    """
+
+    def __call__(
+        self,
+        seq: int,
+        round: int,
+        page_numbers: np.ndarray,
+        zero_pages: np.ndarray,
+        parts: Sequence[memoryview],
+    ) -> Pages: ...
 
 
 @dataclass(frozen=True)

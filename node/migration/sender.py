@@ -79,6 +79,7 @@ from node.migration.messages import (
     PROTOCOL_VERSION,
     Abort,
     Ack,
+    BuildBatch,
     Complete,
     DeviceState,
     Encoding,
@@ -240,10 +241,16 @@ class MigrationSender:
         page_size: int = PAGE_SIZE,
         compression_timer: Callable[[], float] = time.perf_counter,
         never_backed: Callable[[int, int], np.ndarray | None] | None = None,
+        build_batch: BuildBatch | None = None,
     ) -> None:
         """``never_backed(first, last)``, if given, says which pages of that range the host
         never backed with memory, so they are zero without being read (see
-        :mod:`node.migration.residency`; only the driver knows whether that holds)."""
+        :mod:`node.migration.residency`; only the driver knows whether that holds).
+
+        ``build_batch`` makes a raw batch out of runs of RAM (see
+        :class:`~node.migration.messages.BuildBatch`): a driver that serialises batches
+        passes :func:`node.migration.wire.build_pages`, so that a batch's payload is copied
+        once, from RAM straight into the message."""
         self.options = options or MigrationOptions()
         self.options.check()
         if len(ram) == 0 or len(ram) % page_size:
@@ -251,7 +258,9 @@ class MigrationSender:
         self._ram_size = len(ram)
         self._page_size = page_size
         self._page_count = len(ram) // page_size
+        self._ram = memoryview(ram).cast("B")
         self._pages = np.frombuffer(ram, dtype=np.uint8).reshape(self._page_count, page_size)
+        self._build_batch = build_batch
         self._words = self._pages.view(np.uint64)
         self._dirty_log = dirty_log
         self._never_backed = never_backed
@@ -293,6 +302,9 @@ class MigrationSender:
         self._scan_pos = 0
         self._todo = np.zeros(0, dtype=np.int64)
         self._todo_pos = 0
+        # Whether _todo holds pages a scan just found non-zero (round 0), or pages that
+        # still need that check (the dirty log's).
+        self._todo_scanned = False
         self._round_last_seq = 0
         self._round_start = 0.0
         self._round_bytes = 0
@@ -549,6 +561,7 @@ class MigrationSender:
         self._scan_pos = 0
         # Sorted and distinct, so a batch is a run of RAM exactly when its ends say so.
         self._todo = np.zeros(0, dtype=np.int64) if todo is None else np.unique(todo)
+        self._todo_scanned = False
         self._todo_pos = 0
         self._round_start = now
         self._round_last_seq = self._next_seq - 1
@@ -610,6 +623,7 @@ class MigrationSender:
             self._round_zero += (last - first) - len(nonzero)
             self._scan_pos = last
             self._todo = nonzero
+            self._todo_scanned = True
             self._todo_pos = 0
         batch = self._todo[self._todo_pos : self._todo_pos + BATCH_PAGES]
         self._todo_pos += len(batch)
@@ -618,58 +632,98 @@ class MigrationSender:
     def _next_pages(self, round_number: int) -> Pages | None:
         """Build the next batch of the current round, or None when it has no more."""
         while (candidates := self._next_candidates()) is not None:
-            count = len(candidates)
-            if count and int(candidates[-1]) - int(candidates[0]) == count - 1:
-                # A run of consecutive pages (candidates are sorted and distinct): a view of
-                # RAM, so the payload is copied once, by the wire encoder. Should the guest
-                # write a page before that copy, the dirty log has it for the next round,
-                # which resends the page and its hash together.
-                first = int(candidates[0])
-                data = self._pages[first : first + count]
+            if self._todo_scanned:
+                # Round 0's scan found these pages non-zero a moment ago.
+                numbers, zeros = candidates, candidates[:0]
             else:
-                data = self._pages[candidates]
-            # One pass over the pages: a contribution of 0 means the page is zero.
-            hashes = page_hashes(candidates, data)
-            if hashes.all():
-                numbers, contents, zero_pages = candidates, data, candidates[:0]
-            else:
-                zero = hashes == 0
+                numbers = self._nonzero_rows(candidates)
+                zeros = (
+                    candidates[:0]
+                    if len(numbers) == len(candidates)
+                    else np.setdiff1d(candidates, numbers, assume_unique=True)
+                )
+            if len(zeros):
                 # A zero page needs a marker only if the destination holds it as non-zero.
-                zero_pages = candidates[zero & ~self.digest.is_zero(candidates)]
-                zero_count = int(zero.sum())
-                self._duplicate += zero_count
-                self._round_zero += zero_count
-                keep = ~zero
-                numbers, contents = candidates[keep], data[keep]
-            # Data pages get their hash, markers 0, and zero pages without one were 0 already.
-            self.digest.set_hashes(candidates, hashes)
+                zero_pages = zeros[~self.digest.is_zero(zeros)]
+                self.digest.update_zero(zeros)
+                self._duplicate += len(zeros)
+                self._round_zero += len(zeros)
+            else:
+                zero_pages = zeros
             if not len(numbers) and not len(zero_pages):
                 continue
-            link = self._link_bandwidth()
-            if self._probe_bytes_left > 0:
-                link = math.inf  # a raw probe: see _PROBE_FIRST
-                self._probe_bytes_left -= contents.nbytes
-            encoding, payload = self._policy.encode(contents, link)
-            if encoding != "raw" and self.options.compression == "auto":
-                self._compressed_since_probe += 1
-                if self._compressed_since_probe >= self._probe_every and self._tx_seconds <= 0:
-                    self._compressed_since_probe = 0
-                    self._probe_every = min(2 * self._probe_every, _PROBE_MAX)
-                    self._probe_bytes_left = _PROBE_BYTES
-            if encoding != "raw":
-                self._compressed_bytes += len(payload)
-                self._sent_compressed.add(self._next_seq)
+            batch = self._build(round_number, numbers.astype(np.uint32), zero_pages)
             self._normal += len(numbers)
             self._round_pages += len(numbers) + len(zero_pages)
-            return Pages(
-                seq=self._next_seq,
-                round=round_number,
-                encoding=encoding,
-                page_numbers=numbers.astype(np.uint32),
-                zero_pages=zero_pages.astype(np.uint32),
-                payload=payload,
-            )
+            return batch
         return None
+
+    def _build(self, round_number: int, numbers: np.ndarray, zero_pages: np.ndarray) -> Pages:
+        """The batch of ``numbers`` (non-zero, sorted) and markers for ``zero_pages``, with
+        each page's hash recorded from the very bytes that go into the batch.
+
+        Should the guest write a page after the scan that found it non-zero (even zeroing
+        it), the batch carries and hashes whatever the copy read, and the dirty log has the
+        page for the next round, which resends it and its hash together.
+        """
+        zero_pages = zero_pages.astype(np.uint32)
+        if not len(numbers):
+            return Pages(self._next_seq, round_number, Encoding.RAW, numbers, zero_pages)
+        link = self._link_bandwidth()
+        if self._probe_bytes_left > 0:
+            link = math.inf  # a raw probe: see _PROBE_FIRST
+            self._probe_bytes_left -= len(numbers) * self._page_size
+        codec = self._policy.choose(link, lambda: self._pages[numbers[: self._policy.SAMPLE_PAGES]])
+        if codec is None and self._build_batch is not None:
+            batch = self._build_batch(
+                self._next_seq, round_number, numbers, zero_pages, self._runs(numbers)
+            )
+            self._hash(numbers, np.frombuffer(batch.payload, dtype=np.uint8))
+            return batch
+        first, last = int(numbers[0]), int(numbers[-1])
+        if last - first == len(numbers) - 1:
+            # One run: a view of RAM, copied once, by the serialiser.
+            data = self._pages[first : last + 1]
+        else:
+            data = self._pages[numbers]
+        self._hash(numbers, data)
+        raw = data.reshape(-1).data
+        if codec is None:
+            return Pages(self._next_seq, round_number, Encoding.RAW, numbers, zero_pages, raw)
+        encoding, payload = self._policy.pack(codec, raw)
+        if encoding != "raw" and self.options.compression == "auto":
+            self._compressed_since_probe += 1
+            if self._compressed_since_probe >= self._probe_every and self._tx_seconds <= 0:
+                self._compressed_since_probe = 0
+                self._probe_every = min(2 * self._probe_every, _PROBE_MAX)
+                self._probe_bytes_left = _PROBE_BYTES
+        if encoding != "raw":
+            self._compressed_bytes += len(payload)
+            self._sent_compressed.add(self._next_seq)
+        return Pages(self._next_seq, round_number, encoding, numbers, zero_pages, payload)
+
+    def _runs(self, numbers: np.ndarray) -> list[memoryview]:
+        """The pages ``numbers`` (sorted) as views of RAM, one per run of consecutive pages,
+        so that joining them is the batch's one copy of its payload."""
+        size = self._page_size
+        first, last = int(numbers[0]), int(numbers[-1])
+        if last - first == len(numbers) - 1:
+            return [self._ram[first * size : (last + 1) * size]]
+        pages = numbers.astype(np.int64)
+        ends = np.flatnonzero(pages[1:] - pages[:-1] != 1)
+        # Start and end (exclusive) of every run, alternately, in bytes.
+        edges = np.empty(2 * len(ends) + 2, dtype=np.int64)
+        edges[0], edges[-1] = first, last + 1
+        edges[1:-1:2] = pages[ends] + 1
+        edges[2:-1:2] = pages[ends + 1]
+        edges *= size
+        ram = self._ram
+        bounds = iter(edges.tolist())
+        return [ram[start:end] for start, end in zip(bounds, bounds, strict=True)]
+
+    def _hash(self, numbers: np.ndarray, contents: np.ndarray) -> None:
+        data = contents.reshape(len(numbers), self._page_size)
+        self.digest.set_hashes(numbers, page_hashes(numbers, data))
 
     def _emit(self, batch: Pages) -> SendMessage:
         size = wire_size(batch)
@@ -859,6 +913,7 @@ class MigrationSender:
             last = np.asarray(self._dirty_log.fetch_and_reset(), dtype=np.int64)
             self._sync_count += 1
             self._todo = np.union1d(self._todo[self._todo_pos :], last)
+            self._todo_scanned = False
             self._todo_pos = 0
             self._final_fetch_done = True
         if not self._round_exhausted():
