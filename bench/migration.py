@@ -289,7 +289,12 @@ def synthetic_round0_seconds(port: int, ram: bytearray) -> tuple[float, float, i
     """(seconds for the whole migration, seconds of round 0, compressed bytes sent) of an
     idle synthetic guest, compression "auto" as by default."""
     sender = MigrationSender(
-        memoryview(ram), _Idle(), dict, token=TOKEN, config_hash="synthetic"
+        memoryview(ram),
+        _Idle(),
+        dict,
+        token=TOKEN,
+        config_hash="synthetic",
+        build_batch=wire.build_pages,  # as the migration process builds its batches
     )
     outbox: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
     replies: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
@@ -570,6 +575,7 @@ class VMHost:
             ),
             # GuestRAM is a memfd: its holes are the pages the guest never wrote.
             never_backed=MemfdRAM(vm.ram.fd, vm.ram.view).never_backed,
+            build_batch=wire.build_pages,
         )
         outbox: queue.SimpleQueue[Message | bytes | None] = queue.SimpleQueue()
         replies: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
