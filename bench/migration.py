@@ -77,6 +77,7 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
+from node.allocator import hold_freed_buffers  # noqa: E402
 from node.migration import (  # noqa: E402
     Action,
     Cancelled,
@@ -137,6 +138,7 @@ def _count_server_main(ports: Any) -> None:
     """A destination that only counts: raw bytes on one method, protobuf on another; and
     one that lands each raw message in fresh shared memory, as any destination of a
     migration must (allocating memory never written before is part of the cost)."""
+    hold_freed_buffers()  # as Ferry's processes do: see node/allocator.py
     from protos.ferry.v1 import migration_pb2 as pb
 
     def count(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -248,6 +250,7 @@ def answer_in_parallel(
 
 def _synthetic_receiver_main(ram_size: int, window: int, ports: Any) -> None:
     """A destination process running the real receiver into a fresh RAM buffer per stream."""
+    hold_freed_buffers()  # as Ferry's processes do: see node/allocator.py
     sys.setswitchinterval(SWITCH_INTERVAL)
 
     def migrate(
@@ -669,6 +672,7 @@ class VMHost:
 
 
 def _host_main(conn: Connection) -> None:
+    hold_freed_buffers()  # as Ferry's processes do: see node/allocator.py
     sys.setswitchinterval(SWITCH_INTERVAL)
     VMHost(conn).serve()
 
@@ -1159,6 +1163,9 @@ def _case(text: str) -> Case:
 
 def main() -> None:
     args = _arguments()
+    # Every process on both ends of every stream measured here, the bare ones included,
+    # keeps freed batch buffers as Ferry's migration processes do (node/allocator.py).
+    hold_freed_buffers()
     quick = args.quick
     with_nodes = not args.no_nodes
     if not DIRTIER.exists():

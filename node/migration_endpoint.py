@@ -53,6 +53,7 @@ import msgpack
 import trio
 
 from node import FERRY_VERSION
+from node.allocator import hold_freed_buffers, release_freed_buffers
 from node.faults import Fault
 from node.migration import (
     Action,
@@ -527,6 +528,8 @@ class IncomingMigration:
                 "this incoming VM already has its migration stream",
             )
         answers: queue.SimpleQueue[DestinationMessage | _StreamEnd] = queue.SimpleQueue()
+        # Each batch arrives in a new ~1 MiB buffer: reuse freed ones, not fresh memory.
+        hold_freed_buffers()
         threading.Thread(
             target=self._read, args=(requests, answers), name="migration-in-reader", daemon=True
         ).start()
@@ -575,6 +578,7 @@ class IncomingMigration:
             pass
         finally:
             answers.put(_StreamEnd(finished))
+            release_freed_buffers()
 
     def _inject(self, message: object) -> tuple[object, bool]:
         """Apply a test fault (FERRY_FAULT) at this message's point; (message, drop)."""
