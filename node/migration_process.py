@@ -69,6 +69,7 @@ import msgpack
 import numpy as np
 
 from node import faults
+from node.allocator import hold_freed_buffers
 from node.migration import (
     Action,
     Cancelled,
@@ -664,6 +665,9 @@ def main(argv: list[str] | None = None) -> int:
     # Hand-offs to grpcio's writer and reader threads would otherwise wait out the default
     # 5 ms switch interval behind the scan and hashing in the main thread.
     sys.setswitchinterval(0.0005)
+    # Every batch is a new ~1 MiB buffer: keep freed ones for the next (node/allocator.py).
+    # The process lives for one migration, so nothing needs giving back after.
+    hold_freed_buffers()
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s ferry-migration[{args.worker_pid}] %(levelname)s %(message)s",
