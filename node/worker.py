@@ -302,6 +302,11 @@ class Worker:
         tmp.write_text(text)
         os.replace(tmp, self._migration_file)
 
+    def start_soon(self, task: Callable[[], Awaitable[None]]) -> None:
+        """Run ``task`` in the worker's loop, after whatever the loop is doing now."""
+        assert self._nursery is not None
+        self._nursery.start_soon(task)
+
     def prepare_migration_process(self) -> None:
         """Start a migration process in advance, so that its start-up (imports of ~0.4 s)
         is not part of the next migration's setup time. In the loop's own thread: the
