@@ -264,6 +264,9 @@ class MigrationSender:
         self._words = self._pages.view(np.uint64)
         self._dirty_log = dirty_log
         self._never_backed = never_backed
+        # The last answer of never_backed: (first page, end page, holes or None).
+        self._holes: tuple[int, int, np.ndarray | None] = (0, 0, None)
+        self._holes_span = _SCAN_CHUNK
         self._save_device_state = save_device_state
         self._hello = Hello(
             protocol_version=PROTOCOL_VERSION,
@@ -600,6 +603,27 @@ class MigrationSender:
             nonzero[unsure] = words[rows[unsure]].max(axis=1) != 0
         return rows[nonzero]
 
+    def _never_backed_in(self, first: int, last: int) -> np.ndarray | None:
+        """``never_backed`` for the scan's chunk [first, last), asked over a span ahead.
+
+        Asking per chunk costs more than it seems: tmpfs finds the end of a run of data by
+        walking its pages to the next hole, however far past the chunk that is, so on RAM
+        the guest has written all over every chunk's question walks the rest of RAM
+        (measured: 230 ms of CPU per GiB scanned, against 9 ms asking once). Spans that
+        grow fourfold keep that to a few walks, while the first answer comes as soon as
+        before. A page the guest writes after the answer is in the dirty log anyway, since
+        logging started before the scan.
+        """
+        if self._never_backed is None:
+            return None
+        start, end, holes = self._holes
+        if not (start <= first and last <= end):
+            start, end = first, min(self._page_count, first + max(self._holes_span, last - first))
+            holes = self._never_backed(start, end)
+            self._holes = (start, end, holes)
+            self._holes_span *= 4
+        return None if holes is None else holes[first - start : last - start]
+
     def _next_candidates(self) -> np.ndarray | None:
         """Up to a batch of pages to consider next; None when the round has no more or the
         scan budget of this poll is spent (``_round_exhausted`` tells which)."""
@@ -612,7 +636,7 @@ class MigrationSender:
             # Round 0: find the next non-zero pages; zero pages match the zeroed destination.
             first = self._scan_pos
             last = min(first + _SCAN_CHUNK, self._page_count)
-            skip = self._never_backed(first, last) if self._never_backed else None
+            skip = self._never_backed_in(first, last)
             if skip is None or not skip.any():
                 rows = np.arange(first, last)
             else:
