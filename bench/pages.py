@@ -8,8 +8,11 @@ MEASUREMENTS.md (~1.5 GB/s with protobuf on loopback):
 * gathering a batch out of RAM, hashing it for the digest,
 * encoding raw / zstd-1 / lz4 (with the compression ratio), decoding and applying each,
 * a batch to bytes and back: through protobuf objects, and through the serialised form
-  the migration stream uses (one payload copy out, none in),
-* the whole sender and receiver state machines back to back in memory (no I/O).
+  the migration stream uses (one payload copy out, none in); and a batch of scattered
+  pages gathered then serialised (two copies) against one built straight from RAM
+  (``wire.build_pages``, one copy),
+* the whole sender and receiver state machines back to back in memory (no I/O); the
+  sender alone also as the migration process runs it (batches built serialised).
 
 Round 0 through a real gRPC stream between two processes, against the stream's own
 ceiling measured in the same run, is in ``bench/migration.py``.
@@ -44,6 +47,7 @@ from node.migration import (
     wire,
 )
 from node.migration.digest import page_hashes
+from node.migration.messages import BuildBatch
 from protos.ferry.v1 import migration_pb2 as pb
 
 PAGE = 4096
@@ -167,9 +171,22 @@ def main() -> None:
         "decode_source (serialised form)",
         median_rate(nz_bytes, lambda: [wire.decode_source(b) for b in blobs]),
     )
+    report(
+        "gather + encode_source (two copies)",
+        median_rate(nz_bytes, functools.partial(gather_and_encode, grid, nz_batches)),
+    )
+    runs = [ram_runs(memoryview(ram), b) for b in nz_batches]
+    report(
+        "build_pages from RAM (one copy)",
+        median_rate(nz_bytes, functools.partial(build_each, nz_batches, runs)),
+    )
 
     print("state machines, in memory (round 0 of an idle guest)")
     report("sender alone, compression none", median_rate(nz_bytes, lambda: send_only(ram)))
+    report(
+        "sender alone, batches built serialised",
+        median_rate(nz_bytes, lambda: send_only(ram, wire.build_pages)),
+    )
     for mode in ("none", "lz4"):
         report(
             f"sender + receiver, compression {mode}",
@@ -188,15 +205,25 @@ class NoDirt:
         return np.zeros(0, dtype=np.int64)
 
 
-def send_only(ram: bytearray) -> None:
-    """Round 0 as the sender produces it, with the destination granting credit at once."""
-    sender = MigrationSender(memoryview(ram), NoDirt(), dict, token=b"t", config_hash="c")
+def send_only(ram: bytearray, build_batch: BuildBatch | None = None) -> None:
+    """Round 0 as the sender produces it, with the destination granting credit at once
+    (and serialised as the stream would carry it)."""
+    sender = MigrationSender(
+        memoryview(ram),
+        NoDirt(),
+        dict,
+        token=b"t",
+        config_hash="c",
+        options=MigrationOptions(compression="none"),
+        build_batch=build_batch,
+    )
     sender.start()
     sender.receive(Ack(0, 1024))
     sent = 0
     while (actions := sender.poll()) and isinstance(actions[0], SendMessage):
         if not isinstance(actions[0].message, Pages):
             break
+        wire.encode_source(actions[0].message)
         sent += 1
         if sent % 1000 == 0:
             sender.receive(Ack(sent, 1000))
@@ -206,6 +233,25 @@ def gather_each(grid: np.ndarray, batches: list[np.ndarray]) -> None:
     # One batch alive at a time, as in the sender: allocator memory gets reused.
     for b in batches:
         grid[b]
+
+
+def ram_runs(ram: memoryview, pages: np.ndarray) -> list[memoryview]:
+    """The pages as views of RAM, one per run of consecutive pages."""
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = pages[np.concatenate(([0], breaks))] * PAGE
+    ends = (pages[np.concatenate((breaks - 1, [len(pages) - 1]))] + 1) * PAGE
+    return [ram[a:b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
+
+
+def gather_and_encode(grid: np.ndarray, batches: list[np.ndarray]) -> None:
+    for b in batches:
+        wire.encode_source(Pages(1, 0, "raw", b.astype(np.uint32), payload=grid[b].data))
+
+
+def build_each(batches: list[np.ndarray], runs: list[list[memoryview]]) -> None:
+    no_zeros = np.zeros(0, dtype=np.uint32)
+    for b, parts in zip(batches, runs, strict=True):
+        wire.build_pages(1, 0, b.astype(np.uint32), no_zeros, parts)
 
 
 def encode_each(grid: np.ndarray, batches: list[np.ndarray], policy: CompressionPolicy) -> None:

@@ -662,8 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     # Stop the terminal's or the agent's interrupt from hitting this process directly: it
     # ends when its worker does.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Hand-offs to grpcio's writer and reader threads would otherwise wait out the default
-    # 5 ms switch interval behind the scan and hashing in the main thread.
+    # The destination's answers (grpcio's reader threads) would otherwise wait out the
+    # default 5 ms switch interval behind the scan and hashing in the request thread.
     sys.setswitchinterval(0.0005)
     # Every batch is a new ~1 MiB buffer: keep freed ones for the next (node/allocator.py).
     # The process lives for one migration, so nothing needs giving back after.
