@@ -62,6 +62,7 @@ from node.migration import (
     MigrationOptions,
     MigrationReceiver,
     Pages,
+    ReceiverPhase,
     SendMessage,
 )
 from node.migration.messages import (
@@ -548,15 +549,6 @@ class IncomingMigration:
         ).start()
         while not isinstance(answer := answers.get(), _StreamEnd):
             yield answer
-        fault = self._fault
-        if (
-            answer.finished
-            and fault is not None
-            and fault.side == "dst"
-            and fault.point == "resumed"
-        ):
-            time.sleep(0.2)  # let Resumed reach the source first
-            fault.at("dst", "resumed")
 
     def _read(
         self,
@@ -592,6 +584,18 @@ class IncomingMigration:
         finally:
             answers.put(_StreamEnd(finished))
             release_freed_buffers()
+            if finished:
+                self._fault_after_resumed()
+
+    def _fault_after_resumed(self) -> None:
+        """The test fault ``dst:*:resumed``. Fired from the reader thread, not the stream's
+        handler: once the source has Resumed it may end the stream, and grpcio then never
+        runs the handler past its last answer."""
+        fault = self._fault
+        resumed = self.receiver.phase is ReceiverPhase.RESUMED
+        if resumed and fault is not None and fault.side == "dst" and fault.point == "resumed":
+            time.sleep(0.2)  # let Resumed reach the source first
+            fault.at("dst", "resumed")
 
     def _inject(self, message: object) -> tuple[object, bool]:
         """Apply a test fault (FERRY_FAULT) at this message's point; (message, drop)."""
