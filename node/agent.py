@@ -161,6 +161,10 @@ class Agent:
         vm_dir = record.vm_dir
         with contextlib.suppress(FileNotFoundError):
             vm_dir.status_file.unlink()
+        # An earlier worker's last migration (say, before the VM left and came back) is not
+        # this one's: get_migration falls back to the file when the worker does not answer.
+        with contextlib.suppress(FileNotFoundError):
+            vm_dir.migration_file.unlink()
         if supervisor.worker_is_alive(vm_dir):
             raise AgentError(
                 grpc.StatusCode.FAILED_PRECONDITION,
