@@ -100,12 +100,8 @@ def format_endpoint(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-@dataclasses.dataclass(frozen=True)
 class _StreamEnd:
-    """The destination's reader thread is done; ``finished``: the receiver reached its end
-    (the guest runs here, or the migration failed) rather than the stream breaking."""
-
-    finished: bool
+    """The destination's reader thread is done: the stream's handler has no more answers."""
 
 
 class OutgoingMigration:
@@ -582,7 +578,7 @@ class IncomingMigration:
         except trio.RunFinishedError:
             pass
         finally:
-            answers.put(_StreamEnd(finished))
+            answers.put(_StreamEnd())
             release_freed_buffers()
             if finished:
                 self._fault_after_resumed()
