@@ -74,8 +74,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the cluster harness and in-memory helpers
 
 import grpc  # noqa: E402
+from inmemory import IdleDirtyLog  # noqa: E402
 
 from node.allocator import hold_freed_buffers  # noqa: E402
 from node.migration import (  # noqa: E402
@@ -206,17 +208,6 @@ def synthetic_ram(mib: int, seed: int = 1) -> bytearray:
     return ram
 
 
-class _Idle:
-    """The dirty log of a guest that writes nothing."""
-
-    def enable(self) -> None: ...
-
-    def disable(self) -> None: ...
-
-    def fetch_and_reset(self) -> np.ndarray:
-        return np.zeros(0, dtype=np.int64)
-
-
 def answer_in_parallel(
     requests: Iterator[SourceMessage],
     handle: Callable[[SourceMessage], list[DestinationMessage]],
@@ -293,7 +284,7 @@ def synthetic_round0_seconds(port: int, ram: bytearray) -> tuple[float, float, i
     idle synthetic guest, compression "auto" as by default."""
     sender = MigrationSender(
         memoryview(ram),
-        _Idle(),
+        IdleDirtyLog(),
         dict,
         token=TOKEN,
         config_hash="synthetic",
@@ -779,7 +770,6 @@ def ferry_migrate(source: HostProcess, dest: HostProcess, case: Case) -> Result:
 def ferry_nodes_case(case: Case, repeats: int) -> list[Result]:
     """The same migrations through two ``ferry-node`` agents and their VMM workers, driven
     as the coordinator drives them (PrepareIncoming, StartMigration, WatchMigration)."""
-    sys.path.insert(0, str(ROOT / "tests"))
     import cluster  # the multi-process test harness: starts and tears down real agents
 
     from protos.ferry.v1 import types_pb2

@@ -34,6 +34,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from inmemory import IdleDirtyLog
 
 from node.migration import (
     Ack,
@@ -194,23 +197,12 @@ def main() -> None:
         )
 
 
-class NoDirt:
-    """An idle guest's dirty log: nothing is ever dirty."""
-
-    def enable(self) -> None: ...
-
-    def disable(self) -> None: ...
-
-    def fetch_and_reset(self) -> np.ndarray:
-        return np.zeros(0, dtype=np.int64)
-
-
 def send_only(ram: bytearray, build_batch: BuildBatch | None = None) -> None:
     """Round 0 as the sender produces it, with the destination granting credit at once
     (and serialised as the stream would carry it)."""
     sender = MigrationSender(
         memoryview(ram),
-        NoDirt(),
+        IdleDirtyLog(),
         dict,
         token=b"t",
         config_hash="c",
@@ -264,7 +256,7 @@ def migrate(ram: bytearray, compression: str) -> None:
     dest = bytearray(len(ram))
     sender = MigrationSender(
         memoryview(ram),
-        NoDirt(),
+        IdleDirtyLog(),
         dict,
         token=b"t",
         config_hash="c",

@@ -1,5 +1,5 @@
 """Round 0 skips guest RAM never written, without missing a page and without touching it;
-the destination backs what arrives in a few calls."""
+the destination writes what arrives through the file, allocating only those pages."""
 
 from __future__ import annotations
 
@@ -7,48 +7,14 @@ import mmap
 import os
 
 import numpy as np
+from inmemory import IdleDirtyLog, migrate_in_memory
 
-from node.migration import (
-    Action,
-    MigrationOptions,
-    MigrationReceiver,
-    MigrationSender,
-    SendMessage,
-)
+from node.migration import MigrationOptions, MigrationReceiver, MigrationSender
 from node.migration.residency import MemfdRAM
 from vmcore.memory import GuestRAM
 
 PAGE = 4096
 PAGES = 2048
-
-
-class NoDirt:
-    def enable(self) -> None: ...
-
-    def disable(self) -> None: ...
-
-    def fetch_and_reset(self) -> np.ndarray:
-        return np.zeros(0, dtype=np.int64)
-
-
-def migrate_in_memory(sender: MigrationSender, receiver: MigrationReceiver) -> list[Action]:
-    """Run a migration to its end, messages passed by hand; the sender's other actions."""
-    inbox = [a.message for a in sender.start() if isinstance(a, SendMessage)]
-    ending: list[Action] = []
-    while not sender.finished:
-        replies = []
-        for message in inbox:
-            replies += [a.message for a in receiver.receive(message) if isinstance(a, SendMessage)]
-        inbox = []
-        for reply in replies:
-            for action in sender.receive(reply):
-                if isinstance(action, SendMessage):
-                    inbox.append(action.message)
-                else:
-                    ending.append(action)
-        while actions := sender.poll():
-            inbox += [a.message for a in actions if isinstance(a, SendMessage)]
-    return ending
 
 
 # -- guest RAM as the VM has it: a shared memfd ------------------------------------------------
@@ -86,7 +52,7 @@ def test_round_0_over_a_memfd_sends_every_page_and_allocates_no_untouched_one() 
     reader = mmap.mmap(ram.fd, PAGES * PAGE, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
     sender = MigrationSender(
         memoryview(reader),
-        NoDirt(),
+        IdleDirtyLog(),
         dict,
         token=b"t",
         config_hash="c",
@@ -124,7 +90,7 @@ def test_a_receiver_writing_through_the_memfd_applies_batches_exactly() -> None:
     grid[1500] = 9
     # Every other page of a range: batches of many one-page runs.
     grid[1600:2000:2] = np.arange(200, dtype=np.uint8)[:, None] + 1
-    sender = MigrationSender(memoryview(source), NoDirt(), dict, token=b"t", config_hash="c")
+    sender = MigrationSender(memoryview(source), IdleDirtyLog(), dict, token=b"t", config_hash="c")
     receiver = MigrationReceiver(
         ram.view,
         token=b"t",

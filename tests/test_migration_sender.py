@@ -6,48 +6,13 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from inmemory import IdleDirtyLog, migrate_in_memory
 
-from node.migration import (
-    MigrationOptions,
-    MigrationReceiver,
-    MigrationSender,
-    Pages,
-    SendMessage,
-    wire,
-)
+from node.migration import MigrationOptions, MigrationReceiver, MigrationSender, wire
 
 # Small pages, so that RAM spanning many of the scan's chunks stays small.
 PAGE = 64
 PAGES = 16 * 4096
-
-
-class NoDirt:
-    def enable(self) -> None: ...
-
-    def disable(self) -> None: ...
-
-    def fetch_and_reset(self) -> np.ndarray:
-        return np.zeros(0, dtype=np.int64)
-
-
-def migrate(sender: MigrationSender, receiver: MigrationReceiver) -> list[Pages]:
-    """Run a migration to its end, messages passed by hand (through the serialised form);
-    the batches sent."""
-    sent: list[Pages] = []
-    inbox = [a.message for a in sender.start() if isinstance(a, SendMessage)]
-    while not sender.finished:
-        replies = []
-        for message in inbox:
-            if isinstance(message, Pages):
-                sent.append(message)
-            message = wire.decode_source(wire.encode_source(message))
-            replies += [a.message for a in receiver.receive(message) if isinstance(a, SendMessage)]
-        inbox = []
-        for reply in replies:
-            inbox += [a.message for a in sender.receive(reply) if isinstance(a, SendMessage)]
-        while actions := sender.poll():
-            inbox += [a.message for a in actions if isinstance(a, SendMessage)]
-    return sent
 
 
 def scattered_ram(seed: int = 3) -> tuple[bytearray, np.ndarray]:
@@ -70,7 +35,7 @@ def test_round_0_asks_which_pages_were_never_backed_over_growing_spans() -> None
 
     sender = MigrationSender(
         memoryview(ram),
-        NoDirt(),
+        IdleDirtyLog(),
         dict,
         token=b"t",
         config_hash="c",
@@ -83,7 +48,7 @@ def test_round_0_asks_which_pages_were_never_backed_over_growing_spans() -> None
     receiver = MigrationReceiver(
         memoryview(dest), token=b"t", config_hash="c", restore=lambda s: None, page_size=PAGE
     )
-    sent = migrate(sender, receiver)
+    sent = migrate_in_memory(sender, receiver, through_wire=True).sent
     assert sender.phase == "completed"
     assert bytes(dest) == bytes(ram)
     # Each question covers four times the last, together all of RAM, each page once.
@@ -96,7 +61,7 @@ def test_batches_of_scattered_pages_are_serialised_as_they_are_built() -> None:
     ram, _ = scattered_ram(4)
     sender = MigrationSender(
         memoryview(ram),
-        NoDirt(),
+        IdleDirtyLog(),
         dict,
         token=b"t",
         config_hash="c",
@@ -108,7 +73,7 @@ def test_batches_of_scattered_pages_are_serialised_as_they_are_built() -> None:
     receiver = MigrationReceiver(
         memoryview(dest), token=b"t", config_hash="c", restore=lambda s: None, page_size=PAGE
     )
-    sent = migrate(sender, receiver)
+    sent = migrate_in_memory(sender, receiver, through_wire=True).sent
     assert sender.phase == "completed" and bytes(dest) == bytes(ram)
     data = [b for b in sent if len(b.page_numbers)]
     assert data and all(b.serialised is not None for b in data)
