@@ -99,6 +99,7 @@ from node.migration import (  # noqa: E402
 from node.migration.messages import DestinationMessage, Message, SourceMessage  # noqa: E402
 from node.migration.residency import MemfdRAM  # noqa: E402
 from vmcore.memory import GuestRAM  # noqa: E402
+from vmcore.ramfile import open_ram_file  # noqa: E402
 
 DIRTIER = ROOT / "guests" / "build" / "dirtier.elf"
 QEMU = "qemu-system-riscv64"
@@ -148,10 +149,10 @@ def _count_server_main(ports: Any) -> None:
         yield pb.DestinationMessage(ack=pb.Ack(acked_seq=n)).SerializeToString()
 
     def land(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        # A fresh memfd, as GuestRAM's, written the cheapest way there is (pwrite: no page
-        # fault per page, no copy beside the one into the file).
-        fd = os.memfd_create("bench-land")
-        os.ftruncate(fd, LAND_BYTES)
+        # A fresh file of the kind GuestRAM's is (vmcore.ramfile: huge pages where the host
+        # allows), written the cheapest way there is (pwrite: no page fault per page, no
+        # copy beside the one into the file).
+        fd, _ = open_ram_file(LAND_BYTES)
         offset = n = 0
         for request in requests:
             size = min(len(request), LAND_BYTES - offset)

@@ -42,6 +42,7 @@ from node.validation import NAME_RE, check_file, check_name, check_spec
 from node.vmdir import VMDir, list_vm_dirs, socket_path_fits
 from node.worker_client import WorkerClient
 from protos.ferry.v1 import node_pb2, node_pb2_grpc, types_pb2, worker_pb2
+from vmcore import ramfile
 from vmcore.sizes import parse_size
 
 log = logging.getLogger("ferry-node")
@@ -690,7 +691,21 @@ def _parse_args(argv: list[str] | None) -> AgentConfig:
     parser.add_argument(
         "--label", action="append", default=[], metavar="K=V", help="node label (repeatable)"
     )
+    parser.add_argument(
+        "--ram-backing",
+        choices=ramfile.BACKINGS,
+        default=os.environ.get(ramfile.ENVIRONMENT) or "memfd",
+        help="guest RAM's pages: memfd (4 KiB, the default), huge (2 MiB pages on a private "
+        "tmpfs; needs CAP_SYS_ADMIN; faster where the host does not reclaim free memory), "
+        f"auto (huge where possible). Default: ${ramfile.ENVIRONMENT}, else memfd",
+    )
     args = parser.parse_args(argv)
+    try:
+        ramfile.check_backing(args.ram_backing)
+    except ramfile.RAMBackingError as e:
+        raise StartupError(f"--ram-backing {args.ram_backing}: {e}") from None
+    # Workers take the agent's environment, and create their VM's RAM from it.
+    os.environ[ramfile.ENVIRONMENT] = args.ram_backing
     if not NAME_RE.fullmatch(args.name):
         raise StartupError(
             f"--name {args.name!r}: use 1-63 of a-z, 0-9 and '-', starting with a letter or digit"

@@ -28,6 +28,7 @@ from cluster import (
 )
 
 from protos.ferry.v1 import node_pb2, types_pb2
+from vmcore import ramfile
 
 COMPLETED = types_pb2.MIGRATION_STATE_COMPLETED
 RUNNING = types_pb2.VM_STATE_RUNNING
@@ -110,6 +111,29 @@ def test_a_vm_goes_round_three_nodes_and_home(cluster: Cluster) -> None:
     # The coordinator forgets a moved-away copy with DestroyVM.
     b.stub.DestroyVM(node_pb2.VMRef(name="vm"))
     assert state(b, "vm") == types_pb2.VM_STATE_UNSPECIFIED
+
+
+def test_a_vm_moves_between_a_node_with_huge_page_ram_and_one_without(cluster: Cluster) -> None:
+    try:
+        ramfile.check_backing("huge")
+    except ramfile.RAMBackingError as e:
+        pytest.skip(str(e))
+    a, b = cluster.node("node-a", "--ram-backing", "huge"), cluster.node("node-b")
+    start_dirtier(a)
+    assert huge_mapped_kib(a.get("vm").worker_pid) > 0
+    for source, destination in [(a, b), (b, a)]:
+        final = migrate(source, destination, "vm")
+        assert final.status == COMPLETED, final.error
+    # The dirtier checks every page of its working set each tick: a page lost or misplaced
+    # on either kind of RAM would print CORRUPT, which fails the wait for its ticks.
+    assert_keeps_running_on(a, "vm", b)
+    assert huge_mapped_kib(a.get("vm").worker_pid) > 0
+
+
+def huge_mapped_kib(pid: int) -> int:
+    """How much of a process's shared file memory it maps in huge pages."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith("ShmemPmdMapped:"))
 
 
 # -- refusals and cancel ----------------------------------------------------------------------

@@ -31,6 +31,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from vmcore.ramfile import open_ram_file
+
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 
@@ -169,10 +171,10 @@ class GuestRAM:
         mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS).close()
         # The file descriptor another process maps to see this RAM (CLOEXEC: only a child
         # it is explicitly passed to gets it). The mapping outlives the descriptor.
-        self.fd = os.memfd_create("ferry-guest-ram", os.MFD_CLOEXEC)
+        # Huge pages where the host allows them (see vmcore.ramfile for why and how).
+        self.fd, self.backing = open_ram_file(size)
         self._fd_closer = weakref.finalize(self, os.close, self.fd)
         try:
-            os.ftruncate(self.fd, size)
             self.buf = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
         except OSError:
             self.close()
