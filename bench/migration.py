@@ -99,7 +99,7 @@ from node.migration import (  # noqa: E402
 from node.migration.messages import DestinationMessage, Message, SourceMessage  # noqa: E402
 from node.migration.residency import MemfdRAM  # noqa: E402
 from vmcore.memory import GuestRAM  # noqa: E402
-from vmcore.ramfile import open_ram_file  # noqa: E402
+from vmcore.ramfile import ENVIRONMENT, open_ram_file  # noqa: E402
 
 DIRTIER = ROOT / "guests" / "build" / "dirtier.elf"
 QEMU = "qemu-system-riscv64"
@@ -1162,6 +1162,8 @@ def main() -> None:
     if not DIRTIER.exists():
         print(f"no guest image at {DIRTIER}: run `make guests` first")
         return
+    backing = os.environ.get(ENVIRONMENT) or "memfd"
+    print(f"guest RAM backing: {backing} (vmcore/ramfile.py; {ENVIRONMENT}=huge to compare)")
     print("gRPC stream ceiling on loopback (1 MiB messages, two processes), median of "
           f"{CEILING_RUNS}:")  # fmt: skip
     ceiling = measure_ceiling(3 if quick else CEILING_RUNS)
