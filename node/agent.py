@@ -51,6 +51,9 @@ DEFAULT_STOP_TIMEOUT = 10.0
 WORKER_START_TIMEOUT = 60.0
 DEFAULT_INCOMING_TIMEOUT = 60.0
 MAX_TOKEN_BYTES = 1024
+# How long PrepareIncoming waits for a copy that just migrated away from here to finish
+# exiting (a few seconds at most: see Agent._let_moved_away_copy_exit).
+MOVED_AWAY_EXIT_S = 15.0
 
 _FINAL_STATES = {
     "stopped": types_pb2.VM_STATE_STOPPED,
@@ -432,6 +435,18 @@ class Agent:
             return host or "0.0.0.0", socket.getfqdn()
         return host, host
 
+    async def _let_moved_away_copy_exit(self, record: VMRecord) -> None:
+        """A copy that just migrated away keeps its worker a moment (its console followers
+        drain, its migration process is reaped): wait for it, bounded, so that moving a VM
+        straight back here is not refused as a name already taken."""
+        if not record.has_worker:
+            return
+        await self._refresh(record)
+        status = record.last_status
+        if status is not None and status.state == types_pb2.VM_STATE_MIGRATED:
+            with trio.move_on_after(MOVED_AWAY_EXIT_S):
+                await record.exited.wait()
+
     @staticmethod
     def _replaceable(record: VMRecord) -> bool:
         """A copy that moved away, or an incoming VM that never arrived, may be replaced
@@ -450,6 +465,8 @@ class Agent:
             raise invalid(f"token is longer than {MAX_TOKEN_BYTES} bytes")
         token = token or secrets.token_bytes(32)
         bind_host, advertised = self._migration_host()
+        if (moved_away := self.vms.get(spec.name)) is not None:
+            await self._let_moved_away_copy_exit(moved_away)
         async with self._admission:
             existing = self.vms.get(spec.name)
             if existing is not None:

@@ -9,6 +9,7 @@ StartMigration on the source, WatchMigration to follow).
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -111,6 +112,21 @@ def test_a_vm_goes_round_three_nodes_and_home(cluster: Cluster) -> None:
     # The coordinator forgets a moved-away copy with DestroyVM.
     b.stub.DestroyVM(node_pb2.VMRef(name="vm"))
     assert state(b, "vm") == types_pb2.VM_STATE_UNSPECIFIED
+
+
+def test_a_vm_can_move_straight_back_to_the_node_it_just_left(cluster: Cluster) -> None:
+    a, b = cluster.node("node-a"), cluster.node("node-b")
+    start_dirtier(a)
+    # Someone follows the console on node-a: when the VM leaves, node-a's worker lets the
+    # follower drain before it exits, so the copy that left is still there a moment.
+    follower = threading.Thread(target=a.console, args=("vm",), daemon=True)
+    follower.start()
+    for source, destination in [(a, b), (b, a)]:
+        # No pause between: the copy that just left may still be winding down its worker.
+        final = migrate(source, destination, "vm")
+        assert final.status == COMPLETED, final.error
+    assert_keeps_running_on(a, "vm", b)
+    follower.join(timeout=30)
 
 
 def test_a_vm_moves_between_a_node_with_huge_page_ram_and_one_without(cluster: Cluster) -> None:
