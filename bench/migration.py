@@ -710,8 +710,10 @@ class Result:
     guest_mips: float = 0.0
     note: str = ""
     guest_ok: bool = True
-    # ferry-node only: where the downtime went (MigrationStatus.downtime_phases_ms).
+    # ferry-node only: where the downtime went (MigrationStatus.downtime_phases_ms), and
+    # the CPU seconds each process used during the migration (see CPUWatch).
     phases: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
 
 
 def ferry_migrate(source: HostProcess, dest: HostProcess, case: Case) -> Result:
@@ -768,6 +770,69 @@ def ferry_migrate(source: HostProcess, dest: HostProcess, case: Case) -> Result:
 # ==================================================== Ferry: real ferry-node processes
 
 
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(child) for child in f.read().split()]
+    return found
+
+
+class CPUWatch:
+    """CPU seconds three parts of a node-to-node migration use while it runs: the source
+    worker (its vCPU, which keeps running the guest, and its side of the control channel),
+    the migration process that sends (the source worker's child), and the destination
+    worker that receives. Each process's count is read from /proc every few ms, so one that
+    exits is counted up to its last reading; /proc counts in 10 ms ticks, so the bench sums
+    the figures over a case's runs rather than reading single ones."""
+
+    INTERVAL_S = 0.005
+
+    def __init__(self, source_worker: int, destination_worker: int) -> None:
+        self._source = source_worker
+        self._destination = destination_worker
+        self._first: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._senders: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _read(self) -> None:
+        self._senders.update(_children(self._source))
+        for pid in (self._source, self._destination, *self._senders):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                used = _process_cpu(pid)
+                self._first.setdefault(pid, used)
+                self._last[pid] = used
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.INTERVAL_S):
+            self._read()
+
+    def __enter__(self) -> CPUWatch:
+        self._read()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._read()
+
+    def used(self) -> dict[str, float]:
+        """CPU seconds per part: ``source-worker``, ``sender``, ``receiver``."""
+
+        def spent(pid: int) -> float:
+            return self._last.get(pid, 0.0) - self._first.get(pid, 0.0)
+
+        return {
+            "source-worker": spent(self._source),
+            "sender": sum(map(spent, self._senders)),
+            "receiver": spent(self._destination),
+        }
+
+
 def ferry_nodes_case(case: Case, repeats: int) -> list[Result]:
     """The same migrations through two ``ferry-node`` agents and their VMM workers, driven
     as the coordinator drives them (PrepareIncoming, StartMigration, WatchMigration)."""
@@ -798,7 +863,8 @@ def ferry_nodes_case(case: Case, repeats: int) -> list[Result]:
             # Prepared first, so the guest speed below covers the migration itself.
             prepared = cluster.prepare(dest, source.get("vm").spec)
             instret = source.get("vm").instret
-            status = cluster.migrate(source, dest, "vm", options, prepared=prepared)
+            with CPUWatch(source.get("vm").worker_pid, prepared.vm.worker_pid) as watch:
+                status = cluster.migrate(source, dest, "vm", options, prepared=prepared)
             # The destination resumed at the source's last instruction and has run only a
             # moment since: its count less the count before is (nearly) what ran meanwhile.
             # A migration that did not complete left the guest running on the source.
@@ -836,6 +902,7 @@ def ferry_nodes_case(case: Case, repeats: int) -> list[Result]:
                     guest_ok=ok,
                     note="" if ok else "guest stopped ticking after the migration",
                     phases=dict(status.downtime_phases_ms),
+                    cpu=watch.used(),
                 )
             )
             if not ok:
@@ -1064,6 +1131,22 @@ def median_result(results: list[Result]) -> Result | None:
     return sorted(done, key=lambda r: r.total_ms)[(len(done) - 1) // 2]
 
 
+def _cpu_line(results: list[Result]) -> str:
+    """"; ferry-node CPU per MiB sent: ..." (summed over the runs), or nothing."""
+    runs = [r for r in results if r.cpu and r.transferred]
+    if not runs:
+        return ""
+    mib = sum(r.transferred for r in runs) / MiB
+    parts = {name: sum(r.cpu[name] for r in runs) * 1000 / mib for name in runs[0].cpu}
+    total = sum(parts.values())
+    return (
+        "; ferry-node CPU ms per MiB sent: "
+        + ", ".join(f"{name} {ms:.2f}" for name, ms in parts.items())
+        # Two cores between them: what that much CPU per MiB allows at best.
+        + f" (sum {total:.2f}: at most {2 * MiB / total / 1e3:.0f} MB/s on 2 cores)"
+    )
+
+
 def _phases_line(results: list[Result]) -> str:
     """"; ferry-node downtime phases (median ms): pause 1.0 + ..." or nothing."""
     names = ("pause", "final-round", "destination")
@@ -1235,7 +1318,7 @@ def main() -> None:
             "guest MIPS while migrating: ferry-node "
             f"{[round(r.guest_mips, 2) for r in res.nodes]}, "
             f"inproc {[round(r.guest_mips, 2) for r in res.ferry]}"
-            f"{_phases_line(res.nodes)}",
+            f"{_phases_line(res.nodes)}{_cpu_line(res.nodes)}",
             flush=True,
         )
     print()
