@@ -91,11 +91,15 @@ def _out(args: argparse.Namespace, data: Any, human: Callable[[], str]) -> None:
 
 
 def _options(args: argparse.Namespace) -> types_pb2.MigrationOptions:
-    return types_pb2.MigrationOptions(
+    options = types_pb2.MigrationOptions(
         max_downtime_ms=args.max_downtime_ms or 0,
         max_bandwidth=args.max_bandwidth or 0,
         timeout_s=args.timeout or 0.0,
+        compression=args.compression or "",
     )
+    if args.no_auto_converge:
+        options.auto_converge = False
+    return options
 
 
 # -- nodes -------------------------------------------------------------------------------
@@ -473,6 +477,17 @@ def _migration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-downtime-ms", type=int, help="downtime allowed at switchover (300)")
     p.add_argument("--max-bandwidth", type=int, metavar="BYTES_PER_S", help="0: unlimited")
     p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds")
+    p.add_argument(
+        "--no-auto-converge",
+        action="store_true",
+        help="never throttle the vCPU; a guest that outruns the link fails to converge",
+    )
+    p.add_argument(
+        "--compression",
+        # The values MigrationOptions.compression takes (protos/ferry/v1/types.proto).
+        choices=("auto", "none", "zstd", "lz4"),
+        help="page compression: auto (default) uses a codec only where it beats the link",
+    )
     p.add_argument("--no-wait", action="store_true", help="print the operation and return")
 
 

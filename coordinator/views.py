@@ -97,8 +97,15 @@ def migration_json(m: types_pb2.MigrationStatus) -> dict[str, Any]:
         "total": m.total,
         "duplicate": m.duplicate,
         "normal": m.normal,
+        "compressed_bytes": m.compressed_bytes,
+        "dirty_pages_rate": round(m.dirty_pages_rate, 3),
         "dirty_sync_count": m.dirty_sync_count,
+        "cpu_throttle_percentage": m.cpu_throttle_percentage,
         "mbps": round(m.mbps, 3),
+        # Monotonic seconds: the source's clock when its vCPU stopped, the destination's
+        # when the guest resumed there (comparable only when both ends share a host).
+        "paused_at": m.paused_at,
+        "resumed_at": m.resumed_at,
         "error": m.error,
         "downtime_phases_ms": {k: round(v, 3) for k, v in m.downtime_phases_ms.items()},
     }

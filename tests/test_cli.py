@@ -114,6 +114,23 @@ def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixtur
     assert "--json" in out
 
 
+@pytest.mark.parametrize("command", [["vm", "migrate", "x"], ["node", "drain", "n"]])
+def test_migration_options_on_the_command_line_become_the_api_options(command: list[str]) -> None:
+    args = cli.build_parser().parse_args(command)
+    defaults = cli._options(args)
+    # Unset: the node's defaults (auto-converge on, compression auto, 300 ms).
+    assert not defaults.HasField("auto_converge") and defaults.compression == ""
+    assert defaults.max_downtime_ms == 0 and defaults.max_bandwidth == 0
+    args = cli.build_parser().parse_args(
+        [*command, "--no-auto-converge", "--compression", "lz4", "--max-downtime-ms", "50",
+         "--max-bandwidth", "1000000", "--timeout", "9"]
+    )  # fmt: skip
+    options = cli._options(args)
+    assert options.HasField("auto_converge") and not options.auto_converge
+    assert (options.compression, options.max_downtime_ms) == ("lz4", 50)
+    assert (options.max_bandwidth, options.timeout_s) == (1_000_000, 9.0)
+
+
 def test_json_output_is_the_documented_shape(
     cl: CoordCluster, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -295,6 +312,20 @@ def test_migrate_prints_the_finished_operation(cl: CoordCluster) -> None:
     phases = item["migration"]["downtime_phases_ms"]
     assert set(phases) == {"pause", "final-round", "destination"}
     assert all(ms >= 0 for ms in phases.values())
+    # Every per-migration option reaches the node: forced zstd compresses what it can
+    # shrink (the guest's code, at least); "none" never compresses.
+    for compression, compressed in (("zstd", True), ("none", False)):
+        back = ferry(
+            "vm", "migrate", "mj", "--to", "na" if item["destination"] == "nb" else "nb",
+            "--compression", compression, "--no-auto-converge", "--max-downtime-ms", "250",
+            "--json", "--coordinator", cl.coordinator.address,
+        )  # fmt: skip
+        assert back.returncode == 0, back.stderr
+        item = json.loads(back.stdout)["items"][0]
+        assert item["migration"]["status"] == "completed"
+        assert (item["migration"].get("compressed_bytes", 0) > 0) == compressed, json.dumps(item)
+    wrong = ferry("vm", "migrate", "mj", "--compression", "gzip", "--coordinator", "x:1")
+    assert wrong.returncode == 2 and "invalid choice: 'gzip'" in wrong.stderr
     again = ferry("vm", "migrate", "mj", "--to", "nb", "--coordinator", cl.coordinator.address)
     assert again.returncode == 1 and again.stderr == "ferry: VM mj already runs on nb\n"
     cl.stub.DeleteVM(cli.node_pb2.VMRef(name="mj"), timeout=60)
