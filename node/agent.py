@@ -534,6 +534,12 @@ class Agent:
         # No worker, or one that never migrated: the last migration's final figures.
         return self._saved_migration(record)
 
+    async def worker_client(self, name: str) -> WorkerClient | None:
+        """The channel to the VM's worker, or None when no worker runs it (NOT_FOUND for a
+        VM this node does not know)."""
+        record = self._record(name)
+        return record.client if record.has_worker else None
+
     async def cancel_migration(self, name: str) -> types_pb2.MigrationStatus:
         record = self._record(name)
         if record.client is not None and record.has_worker:

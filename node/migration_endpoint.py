@@ -217,6 +217,10 @@ class OutgoingMigration:
         self._update.set()
         self._update = trio.Event()
 
+    async def changed(self) -> None:
+        """Return at the next update of the statistics or the outcome."""
+        await self._update.wait()
+
     # -- the control channel ------------------------------------------------------------
 
     async def run(self) -> None:

@@ -8,6 +8,7 @@ message a user sees.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -19,6 +20,7 @@ import trio
 
 from node.console import log_end, read_console
 from node.errors import AgentError
+from node.migration.wire import MIGRATION_ENDED
 from node.vmdir import VMDir
 from protos.ferry.v1 import node_pb2, node_pb2_grpc, types_pb2, worker_pb2, worker_pb2_grpc
 
@@ -30,13 +32,6 @@ log = logging.getLogger("ferry-node")
 T = TypeVar("T")
 
 WATCH_INTERVAL = 0.1
-MIGRATION_ENDED = {
-    types_pb2.MIGRATION_STATE_NONE,
-    types_pb2.MIGRATION_STATE_COMPLETED,
-    types_pb2.MIGRATION_STATE_FAILED,
-    types_pb2.MIGRATION_STATE_CANCELLED,
-    types_pb2.MIGRATION_STATE_UNKNOWN,
-}
 
 
 class NodeAgentService(node_pb2_grpc.NodeAgentServicer):
@@ -212,6 +207,21 @@ class NodeAgentService(node_pb2_grpc.NodeAgentServicer):
         self, request: node_pb2.VMRef, context: grpc.ServicerContext
     ) -> Iterator[types_pb2.MigrationStatus]:
         last = b""
+        # Forwarded from the VM's worker, which answers as each step happens; when there is
+        # no worker, or it ends (a VM that moved away exits once its migration is over),
+        # the agent's own answer (the last migration's saved figures) is polled instead.
+        client = self._run(context, self._agent.worker_client, request.name)
+        if client is not None:
+            with contextlib.suppress(grpc.RpcError, ValueError):  # ValueError: channel closed
+                call = client.watch_migration()
+                context.add_callback(call.cancel)  # type: ignore[attr-defined]
+                for status in call:
+                    if status.status == types_pb2.MIGRATION_STATE_NONE:
+                        break  # none ran in this worker: the agent may know an earlier one
+                    last = status.SerializeToString(deterministic=True)
+                    yield status
+                    if status.status in MIGRATION_ENDED:
+                        return
         while context.is_active():
             status = self._run(context, self._agent.get_migration, request.name)
             # Only what changed: a quiet phase (the destination resuming) sends nothing.

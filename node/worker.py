@@ -44,7 +44,7 @@ from google.protobuf import json_format
 
 from node import faults
 from node.console import ConsoleLog
-from node.migration.wire import options_from_pb
+from node.migration.wire import MIGRATION_ENDED, options_from_pb
 from node.migration_endpoint import IncomingMigration, OutgoingMigration, format_endpoint
 from node.migration_process import MAX_MESSAGE, SpareProcess
 from node.vmdir import VMDir
@@ -57,6 +57,9 @@ SLICE_INSTRUCTIONS = 20_000
 readers are served promptly, long enough that the loop's own overhead stays small."""
 
 INCOMING_GRACE_S = 5.0
+# WatchMigration answers at every change; without one it answers again after this long, so
+# that a watcher whose client went away is noticed.
+WATCH_WAIT_S = 1.0
 """How long an incoming migration's stream may take to deliver its last answer once the
 worker stops listening (a stalled stream is cut after this)."""
 
@@ -418,6 +421,14 @@ class Worker:
             return types_pb2.MigrationStatus(vm=self.name, status=types_pb2.MIGRATION_STATE_NONE)
         return self.outgoing.status()
 
+    async def next_migration_status(self, wait_s: float) -> types_pb2.MigrationStatus:
+        """The migration's status once it next changes, or after ``wait_s`` at most."""
+        outgoing = self.outgoing
+        if outgoing is not None and outgoing.active:
+            with trio.move_on_after(wait_s):
+                await outgoing.changed()
+        return await self.migration_status()
+
     def stop_incoming_server(self) -> threading.Event | None:
         """Stop listening for migration streams; the one in progress gets a few seconds to
         deliver its last answer (``Resumed``, or a refusal). Returns the event set once it
@@ -501,6 +512,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.WorkerStatusRequest, context: grpc.ServicerContext
     ) -> types_pb2.MigrationStatus:
         return self._call(context, self._worker.migration_status)
+
+    def WatchMigration(
+        self, request: worker_pb2.WorkerStatusRequest, context: grpc.ServicerContext
+    ) -> Iterator[types_pb2.MigrationStatus]:
+        status = self._call(context, self._worker.migration_status)
+        last = b""
+        while context.is_active():
+            encoded = status.SerializeToString(deterministic=True)
+            if encoded != last:
+                last = encoded
+                yield status
+            if status.status in MIGRATION_ENDED:
+                return
+            status = self._call(context, self._worker.next_migration_status, WATCH_WAIT_S)
 
     def ConsoleOutput(
         self, request: worker_pb2.WorkerConsoleRequest, context: grpc.ServicerContext

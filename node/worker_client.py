@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -19,6 +20,10 @@ _CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 20),
     ("grpc.max_reconnect_backoff_ms", 200),
 ]
+
+
+# A migration's watch lasts as long as the migration; past this the agent polls instead.
+WATCH_TIMEOUT_S = 3600.0
 
 
 class WorkerClient:
@@ -112,3 +117,11 @@ class WorkerClient:
             "GetMigration", worker_pb2.WorkerStatusRequest(), 5.0
         )
         return result
+
+    def watch_migration(self) -> Iterator[types_pb2.MigrationStatus]:
+        """The worker's migration status as it changes (a blocking stream, for a handler
+        thread; cancel it through the returned call when the watcher leaves)."""
+        call: Iterator[types_pb2.MigrationStatus] = self.stub.WatchMigration(
+            worker_pb2.WorkerStatusRequest(), timeout=WATCH_TIMEOUT_S
+        )
+        return call

@@ -152,6 +152,37 @@ def huge_mapped_kib(pid: int) -> int:
         return sum(int(line.split()[1]) for line in f if line.startswith("ShmemPmdMapped:"))
 
 
+def test_a_watcher_follows_the_migration_step_by_step_and_then_its_saved_outcome(
+    cluster: Cluster,
+) -> None:
+    a, b = cluster.node("node-a"), cluster.node("node-b")
+    start_dirtier(a, append="wss=4 rate=0")
+    prepared = prepare(b, a.get("vm").spec)
+    ref = node_pb2.VMRef(name="vm")
+    # 4 MB/s: round 0 of the 4 MiB working set takes about a second.
+    a.stub.StartMigration(
+        node_pb2.StartMigrationRequest(
+            name="vm",
+            destination_endpoint=prepared.endpoint,
+            token=prepared.token,
+            options=types_pb2.MigrationOptions(max_bandwidth=4_000_000),
+        )
+    )
+    seen = list(a.stub.WatchMigration(ref, timeout=60))
+    assert seen[-1].status == COMPLETED, seen[-1].error
+    moving = [s.transferred for s in seen if s.status == types_pb2.MIGRATION_STATE_ACTIVE]
+    assert len(set(moving)) >= 3, moving  # progress while it runs, not only the end
+    assert [s.transferred for s in seen] == sorted(s.transferred for s in seen)
+    # Once the copy that left has exited, a new watcher gets the saved final figures.
+    deadline = time.monotonic() + 30
+    while a.get("vm").worker_pid and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = list(a.stub.WatchMigration(ref, timeout=10))
+    assert len(after) == 1 and after[0].status == COMPLETED
+    assert after[0].transferred == seen[-1].transferred
+    assert after[0].total_time_ms == pytest.approx(seen[-1].total_time_ms)
+
+
 # -- refusals and cancel ----------------------------------------------------------------------
 
 

@@ -86,6 +86,16 @@ _STATE_TO_PB = {
 }
 
 
+MIGRATION_ENDED = {
+    types_pb2.MIGRATION_STATE_NONE,
+    types_pb2.MIGRATION_STATE_COMPLETED,
+    types_pb2.MIGRATION_STATE_FAILED,
+    types_pb2.MIGRATION_STATE_CANCELLED,
+    types_pb2.MIGRATION_STATE_UNKNOWN,
+}
+"""The API's states in which a watcher stops following a migration (NONE: there is none)."""
+
+
 def options_from_pb(options: types_pb2.MigrationOptions) -> MigrationOptions:
     """The API's per-migration options, with proto3's zero values meaning "default".
 

@@ -80,6 +80,11 @@ class WorkerStub:
                 request_serializer=protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerStatusRequest.SerializeToString,
                 response_deserializer=protos_dot_ferry_dot_v1_dot_types__pb2.MigrationStatus.FromString,
                 _registered_method=True)
+        self.WatchMigration = channel.unary_stream(
+                '/ferry.v1.Worker/WatchMigration',
+                request_serializer=protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerStatusRequest.SerializeToString,
+                response_deserializer=protos_dot_ferry_dot_v1_dot_types__pb2.MigrationStatus.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -143,6 +148,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchMigration(self, request, context):
+        """GetMigration's answer now and then each time it changes, until the migration ends: the
+        agent's WatchMigration forwards it, so a watcher hears of each step as it happens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -188,6 +201,11 @@ def add_WorkerServicer_to_server(servicer, server):
             ),
             'GetMigration': grpc.unary_unary_rpc_method_handler(
                     servicer.GetMigration,
+                    request_deserializer=protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerStatusRequest.FromString,
+                    response_serializer=protos_dot_ferry_dot_v1_dot_types__pb2.MigrationStatus.SerializeToString,
+            ),
+            'WatchMigration': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchMigration,
                     request_deserializer=protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerStatusRequest.FromString,
                     response_serializer=protos_dot_ferry_dot_v1_dot_types__pb2.MigrationStatus.SerializeToString,
             ),
@@ -433,6 +451,33 @@ class Worker:
             request,
             target,
             '/ferry.v1.Worker/GetMigration',
+            protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerStatusRequest.SerializeToString,
+            protos_dot_ferry_dot_v1_dot_types__pb2.MigrationStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ferry.v1.Worker/WatchMigration',
             protos_dot_ferry_dot_v1_dot_worker__pb2.WorkerStatusRequest.SerializeToString,
             protos_dot_ferry_dot_v1_dot_types__pb2.MigrationStatus.FromString,
             options,

@@ -48,6 +48,10 @@ class WorkerStub:
     CancelMigration: _grpc.UnaryUnaryMultiCallable[_worker_pb2.WorkerStatusRequest, _types_pb2.MigrationStatus]
     GetMigration: _grpc.UnaryUnaryMultiCallable[_worker_pb2.WorkerStatusRequest, _types_pb2.MigrationStatus]
     """The current or last outgoing migration (status NONE if none ran in this worker)."""
+    WatchMigration: _grpc.UnaryStreamMultiCallable[_worker_pb2.WorkerStatusRequest, _types_pb2.MigrationStatus]
+    """GetMigration's answer now and then each time it changes, until the migration ends: the
+    agent's WatchMigration forwards it, so a watcher hears of each step as it happens.
+    """
 
 @_typing.type_check_only
 class WorkerAsyncStub(WorkerStub):
@@ -65,6 +69,10 @@ class WorkerAsyncStub(WorkerStub):
     CancelMigration: _aio.UnaryUnaryMultiCallable[_worker_pb2.WorkerStatusRequest, _types_pb2.MigrationStatus]  # type: ignore[assignment]
     GetMigration: _aio.UnaryUnaryMultiCallable[_worker_pb2.WorkerStatusRequest, _types_pb2.MigrationStatus]  # type: ignore[assignment]
     """The current or last outgoing migration (status NONE if none ran in this worker)."""
+    WatchMigration: _aio.UnaryStreamMultiCallable[_worker_pb2.WorkerStatusRequest, _types_pb2.MigrationStatus]  # type: ignore[assignment]
+    """GetMigration's answer now and then each time it changes, until the migration ends: the
+    agent's WatchMigration forwards it, so a watcher hears of each step as it happens.
+    """
 
 class WorkerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -133,5 +141,15 @@ class WorkerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_types_pb2.MigrationStatus, _abc.Awaitable[_types_pb2.MigrationStatus]]:
         """The current or last outgoing migration (status NONE if none ran in this worker)."""
+
+    @_abc_1.abstractmethod
+    def WatchMigration(
+        self,
+        request: _worker_pb2.WorkerStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_types_pb2.MigrationStatus], _abc.AsyncIterator[_types_pb2.MigrationStatus]]:
+        """GetMigration's answer now and then each time it changes, until the migration ends: the
+        agent's WatchMigration forwards it, so a watcher hears of each step as it happens.
+        """
 
 def add_WorkerServicer_to_server(servicer: WorkerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
