@@ -20,7 +20,7 @@ import trio
 
 from node.console import log_end, read_console
 from node.errors import AgentError
-from node.migration.wire import MIGRATION_ENDED
+from node.migration.wire import MIGRATION_ENDED, changes_until_ended
 from node.vmdir import VMDir
 from protos.ferry.v1 import node_pb2, node_pb2_grpc, types_pb2, worker_pb2, worker_pb2_grpc
 
@@ -222,13 +222,10 @@ class NodeAgentService(node_pb2_grpc.NodeAgentServicer):
                     yield status
                     if status.status in MIGRATION_ENDED:
                         return
-        while context.is_active():
-            status = self._run(context, self._agent.get_migration, request.name)
-            # Only what changed: a quiet phase (the destination resuming) sends nothing.
-            encoded = status.SerializeToString(deterministic=True)
-            if encoded != last:
-                last = encoded
-                yield status
-            if status.status in MIGRATION_ENDED:
-                return
-            time.sleep(WATCH_INTERVAL)
+
+        def polled() -> Iterator[types_pb2.MigrationStatus]:
+            while context.is_active():
+                yield self._run(context, self._agent.get_migration, request.name)
+                time.sleep(WATCH_INTERVAL)
+
+        yield from changes_until_ended(polled(), last)

@@ -44,7 +44,7 @@ from google.protobuf import json_format
 
 from node import faults
 from node.console import ConsoleLog
-from node.migration.wire import MIGRATION_ENDED, options_from_pb
+from node.migration.wire import changes_until_ended, options_from_pb
 from node.migration_endpoint import IncomingMigration, OutgoingMigration, format_endpoint
 from node.migration_process import MAX_MESSAGE, SpareProcess
 from node.vmdir import VMDir
@@ -516,16 +516,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def WatchMigration(
         self, request: worker_pb2.WorkerStatusRequest, context: grpc.ServicerContext
     ) -> Iterator[types_pb2.MigrationStatus]:
-        status = self._call(context, self._worker.migration_status)
-        last = b""
-        while context.is_active():
-            encoded = status.SerializeToString(deterministic=True)
-            if encoded != last:
-                last = encoded
-                yield status
-            if status.status in MIGRATION_ENDED:
-                return
-            status = self._call(context, self._worker.next_migration_status, WATCH_WAIT_S)
+        def statuses() -> Iterator[types_pb2.MigrationStatus]:
+            yield self._call(context, self._worker.migration_status)
+            while context.is_active():
+                yield self._call(context, self._worker.next_migration_status, WATCH_WAIT_S)
+
+        yield from changes_until_ended(statuses())
 
     def ConsoleOutput(
         self, request: worker_pb2.WorkerConsoleRequest, context: grpc.ServicerContext

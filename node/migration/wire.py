@@ -27,7 +27,7 @@ readers accept and reject exactly the same inputs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -94,6 +94,21 @@ MIGRATION_ENDED = {
     types_pb2.MIGRATION_STATE_UNKNOWN,
 }
 """The API's states in which a watcher stops following a migration (NONE: there is none)."""
+
+
+def changes_until_ended(
+    statuses: Iterable[types_pb2.MigrationStatus], last: bytes = b""
+) -> Iterator[types_pb2.MigrationStatus]:
+    """What a migration watcher is sent: each status that differs from the one before (a
+    quiet phase sends nothing), up to and including the first that ends the migration.
+    ``last`` is the serialised status the watcher already has, if any."""
+    for status in statuses:
+        encoded = status.SerializeToString(deterministic=True)
+        if encoded != last:
+            last = encoded
+            yield status
+        if status.status in MIGRATION_ENDED:
+            return
 
 
 def options_from_pb(options: types_pb2.MigrationOptions) -> MigrationOptions:
