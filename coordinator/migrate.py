@@ -35,6 +35,27 @@ DEFAULT_PARALLEL = 2
 SETTLE_TIMEOUT = 5.0
 
 
+_MOVING = (types_pb2.MIGRATION_STATE_ACTIVE, types_pb2.MIGRATION_STATE_DEVICE)
+
+
+def migration_progress(status: types_pb2.MigrationStatus) -> tuple[float | None, str]:
+    """(progress in [0, 0.99], one-line message) of a migration; progress is None (keep
+    what was shown) outside the phases that move memory.
+
+    Progress is the share of guest RAM not waiting to be sent: in round 0, how far the
+    scan of RAM has come; after it, how little is dirty. Bytes sent would not do: zero
+    pages are never sent, so a mostly empty guest would sit near 0 until the end, and a
+    guest that dirties memory faster than the link would creep towards 100% while getting
+    no closer. A migration that does not converge stays where it is.
+    """
+    state = types_pb2.MigrationState.Name(status.status).removeprefix("MIGRATION_STATE_")
+    message = f"{state.lower()}: {status.transferred >> 20} MiB sent"
+    if status.status not in _MOVING or not status.total:
+        return None, message
+    left = min(status.remaining, status.total)
+    return min(0.99, 1 - left / status.total), f"{message}, {status.remaining >> 20} MiB to go"
+
+
 class Mover:
     """Runs migrations and drains as background tasks recorded in operations."""
 
@@ -241,11 +262,9 @@ class Mover:
 
         def update(status: types_pb2.MigrationStatus) -> None:
             item.migration.CopyFrom(status)
-            if status.total:
-                done = status.transferred / max(status.total, 1)
-                item.progress = min(0.99, done)
-            state = types_pb2.MigrationState.Name(status.status).removeprefix("MIGRATION_STATE_")
-            item.message = f"{state.lower()}: {status.transferred >> 20} MiB sent"
+            progress, item.message = migration_progress(status)
+            if progress is not None:
+                item.progress = progress
             c.ops.save(op)
 
         def watch() -> None:
