@@ -42,6 +42,23 @@ def test_ram_is_a_memfd_unless_asked_otherwise(monkeypatch: pytest.MonkeyPatch) 
     assert GuestRAM(64 * PAGE).backing == "memfd"
 
 
+def test_without_the_right_to_mount_auto_settles_for_a_memfd_and_huge_says_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refused(size: int) -> int:
+        raise PermissionError(1, "Operation not permitted")
+
+    # What an unprivileged node meets: fsopen() is refused.
+    monkeypatch.setattr(ramfile, "_huge_tmpfs_file", refused)
+    monkeypatch.setenv(ramfile.ENVIRONMENT, "auto")
+    assert GuestRAM(SIZE).backing == "memfd"
+    monkeypatch.setenv(ramfile.ENVIRONMENT, "huge")
+    with pytest.raises(ramfile.RAMBackingError, match=r"cannot have huge pages here: .*permitted"):
+        GuestRAM(SIZE)
+    with pytest.raises(ramfile.RAMBackingError, match="not permitted"):
+        ramfile.check_backing("huge")
+
+
 def test_a_backing_that_cannot_be_had_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ramfile.ENVIRONMENT, "hugepages")
     with pytest.raises(ramfile.RAMBackingError, match="FERRY_RAM_BACKING='hugepages'"):
