@@ -57,11 +57,12 @@ SLICE_INSTRUCTIONS = 20_000
 readers are served promptly, long enough that the loop's own overhead stays small."""
 
 INCOMING_GRACE_S = 5.0
-# WatchMigration answers at every change; without one it answers again after this long, so
-# that a watcher whose client went away is noticed.
-WATCH_WAIT_S = 1.0
 """How long an incoming migration's stream may take to deliver its last answer once the
 worker stops listening (a stalled stream is cut after this)."""
+
+WATCH_WAIT_S = 1.0
+"""WatchMigration answers at every change; without one it looks again after this long, so
+that a watcher who went away is noticed."""
 
 MIGRATING_SLICE_INSTRUCTIONS = 5_000
 """Instructions per slice while the VM migrates out: the migration process's requests (the
