@@ -5,10 +5,10 @@ batches as memoryviews without copying, and numpy can scan it for zero pages at 
 bandwidth. The mapping is of a ``memfd`` (an anonymous tmpfs file; or one of huge pages,
 see ``vmcore.ramfile``) shared, not private anonymous memory, so that another process can
 map the very same pages from the file descriptor: a live migration's source side runs in a
-helper process of its own, off the vCPU's interpreter (``node.migration_process``). The file starts sparse; a page costs
-memory once it is touched, and the file says which pages never were (``SEEK_DATA``).
-Unlike private anonymous memory, *reading* an untouched page through the mapping backs it
-too, so whole-RAM scans should skip the holes the file reports.
+helper process of its own, off the vCPU's interpreter (``node.migration_process``). The
+file starts sparse; a page costs memory once it is touched, and the file says which pages
+never were (``SEEK_DATA``). Unlike private anonymous memory, *reading* an untouched page
+through the mapping backs it too, so whole-RAM scans should skip the holes the file reports.
 
 The dirty log follows KVM's contract. The hart keeps a software write-TLB that is its store
 fast path; while logging is on, a page is "write-protected" simply by being absent from that
