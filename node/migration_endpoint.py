@@ -248,9 +248,12 @@ class OutgoingMigration:
                     await self._process_died()
                 self.done.set()
                 self._updated()
-                self._channel.close()
                 self._worker.migration_ended(self)
+                # The process ends by itself once its last message (an Abort) has left.
+                # Closing the channel first would tell it the worker is gone, and it would
+                # cut the stream at once, Abort or not.
                 await self._reap()
+                self._channel.close()
 
     async def _handle(self, message: dict[str, Any]) -> None:
         """Carry out one message from the process; a request gets its reply at once, in

@@ -632,9 +632,14 @@ async def _serve(args: argparse.Namespace, vm_dir: VMDir) -> int:
 
         nursery.start_soon(on_signals)
         await worker.run()
-        if worker.outgoing is not None and worker.outgoing.active:
-            # The guest powered off (or failed) mid-migration: nothing is left to move.
-            await worker.outgoing.cancel(f"the VM {worker.vm.state.value} during the migration")
+        if worker.outgoing is not None:
+            if worker.outgoing.active:
+                # The guest powered off (or failed) mid-migration: nothing is left to move.
+                reason = f"the VM {worker.vm.state.value} during the migration"
+                await worker.outgoing.cancel(reason)
+            # A VM that migrated away ends the loop as soon as the outcome is in: wait for
+            # the migration's final figures to be saved before the server stops answering,
+            # or the agent would find neither this worker nor migration.json.
             with trio.move_on_after(5.0):
                 await worker.outgoing.done.wait()
         worker.close_migration_process()
