@@ -208,7 +208,21 @@ def migrate(
     return the source's final status."""
     if prepared is None:
         prepared = prepare(destination, source.get(name).spec, incoming_timeout)
-    source.stub.StartMigration(
+    start_migration(source, name, prepared, options, token=token)
+    return wait_migration(source, name)
+
+
+def start_migration(
+    source: NodeProcess,
+    name: str,
+    prepared: node_pb2.PrepareIncomingResponse,
+    options: types_pb2.MigrationOptions | None = None,
+    *,
+    token: bytes = b"",
+) -> types_pb2.MigrationStatus:
+    """StartMigration of ``name`` to the prepared destination; returns at once, with the
+    status the source answers (the migration runs on)."""
+    started: types_pb2.MigrationStatus = source.stub.StartMigration(
         node_pb2.StartMigrationRequest(
             name=name,
             destination_endpoint=prepared.endpoint,
@@ -217,7 +231,7 @@ def migrate(
         ),
         timeout=30,
     )
-    return wait_migration(source, name)
+    return started
 
 
 MIGRATION_ENDED = {

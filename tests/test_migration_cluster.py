@@ -22,6 +22,7 @@ from cluster import (
     migrate,
     prepare,
     start_dirtier,
+    start_migration,
     state,
     ticks,
     wait_migration,
@@ -160,14 +161,7 @@ def test_a_watcher_follows_the_migration_step_by_step_and_then_its_saved_outcome
     prepared = prepare(b, a.get("vm").spec)
     ref = node_pb2.VMRef(name="vm")
     # 4 MB/s: round 0 of the 4 MiB working set takes about a second.
-    a.stub.StartMigration(
-        node_pb2.StartMigrationRequest(
-            name="vm",
-            destination_endpoint=prepared.endpoint,
-            token=prepared.token,
-            options=types_pb2.MigrationOptions(max_bandwidth=4_000_000),
-        )
-    )
+    start_migration(a, "vm", prepared, types_pb2.MigrationOptions(max_bandwidth=4_000_000))
     seen = list(a.stub.WatchMigration(ref, timeout=60))
     assert seen[-1].status == COMPLETED, seen[-1].error
     moving = [s.transferred for s in seen if s.status == types_pb2.MIGRATION_STATE_ACTIVE]
@@ -200,11 +194,7 @@ def test_a_bad_token_or_a_different_config_is_refused_and_the_vm_runs_on(
     spec = a.get("vm").spec
     spec.append += " ticks=7"
     prepared = b.stub.PrepareIncoming(node_pb2.PrepareIncomingRequest(spec=spec), timeout=60)
-    a.stub.StartMigration(
-        node_pb2.StartMigrationRequest(
-            name="vm", destination_endpoint=prepared.endpoint, token=prepared.token
-        )
-    )
+    start_migration(a, "vm", prepared)
     final = wait_migration(a, "vm")
     assert final.status == types_pb2.MIGRATION_STATE_FAILED and "config" in final.error
     assert_keeps_running_on(a, "vm", b)
@@ -219,11 +209,7 @@ def test_cancel_keeps_the_vm_on_the_source_and_is_idempotent(cluster: Cluster) -
     # 1 MB/s: round 0 of the working set takes seconds, so the cancel lands mid-round.
     slow = types_pb2.MigrationOptions(max_bandwidth=1_000_000)
     ref = node_pb2.VMRef(name="vm")
-    a.stub.StartMigration(
-        node_pb2.StartMigrationRequest(
-            name="vm", destination_endpoint=prepared.endpoint, token=prepared.token, options=slow
-        )
-    )
+    start_migration(a, "vm", prepared, slow)
     deadline = time.monotonic() + 30
     while a.stub.GetMigration(ref).status != types_pb2.MIGRATION_STATE_ACTIVE:
         assert time.monotonic() < deadline
@@ -309,14 +295,7 @@ def test_a_source_agent_restarted_mid_migration_reports_the_outcome(cluster: Clu
         node_pb2.PrepareIncomingRequest(spec=a.get("vm").spec), timeout=60
     )
     ref = node_pb2.VMRef(name="vm")
-    a.stub.StartMigration(
-        node_pb2.StartMigrationRequest(
-            name="vm",
-            destination_endpoint=prepared.endpoint,
-            token=prepared.token,
-            options=types_pb2.MigrationOptions(max_bandwidth=2_000_000),
-        )
-    )
+    start_migration(a, "vm", prepared, types_pb2.MigrationOptions(max_bandwidth=2_000_000))
     # The agent crashes while the workers stream; they carry on without it.
     a = cluster.restart(a)
     final = wait_migration(a, "vm")

@@ -18,6 +18,7 @@ from cluster import (
     assert_keeps_running_on,
     migrate,
     start_dirtier,
+    start_migration,
     state,
     ticks,
     wait_migration,
@@ -139,11 +140,7 @@ def test_cancel_while_the_destination_stalls_answers_at_once_and_keeps_the_vm(
         timeout=60,
     )
     ref = node_pb2.VMRef(name="vm")
-    started = source.stub.StartMigration(
-        node_pb2.StartMigrationRequest(
-            name="vm", destination_endpoint=prepared.endpoint, token=prepared.token
-        )
-    )
+    started = start_migration(source, "vm", prepared)
     assert started.status == types_pb2.MIGRATION_STATE_SETUP
     # The destination never answers the Hello; the cancel must not wait for it.
     cancelled = source.stub.CancelMigration(ref, timeout=10)
@@ -162,11 +159,7 @@ def test_cancel_after_the_final_message_waits_for_the_destination_verdict(
         timeout=60,
     )
     ref = node_pb2.VMRef(name="vm")
-    source.stub.StartMigration(
-        node_pb2.StartMigrationRequest(
-            name="vm", destination_endpoint=prepared.endpoint, token=prepared.token
-        )
-    )
+    start_migration(source, "vm", prepared)
     deadline = time.monotonic() + 60
     while source.stub.GetMigration(ref).status != types_pb2.MIGRATION_STATE_DEVICE:
         assert time.monotonic() < deadline

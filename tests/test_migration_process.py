@@ -20,6 +20,7 @@ from cluster import (
     assert_keeps_running_on,
     prepare,
     start_dirtier,
+    start_migration,
     ticks,
     wait_migration,
     wait_ticks,
@@ -63,15 +64,8 @@ def start_slow_migration(cluster: Cluster) -> tuple[NodeProcess, NodeProcess]:
     source, destination = cluster.node("node-a"), cluster.node("node-b")
     start_dirtier(source, append="wss=8 rate=20")
     prepared = prepare(destination, source.get("vm").spec, incoming_timeout=3.0)
-    source.stub.StartMigration(
-        node_pb2.StartMigrationRequest(
-            name="vm",
-            destination_endpoint=prepared.endpoint,
-            token=prepared.token,
-            options=types_pb2.MigrationOptions(max_bandwidth=2_000_000, compression="none"),
-        ),
-        timeout=30,
-    )
+    slow = types_pb2.MigrationOptions(max_bandwidth=2_000_000, compression="none")
+    start_migration(source, "vm", prepared, slow)
     return source, destination
 
 
@@ -82,12 +76,7 @@ def test_the_migration_process_killed_mid_copy_leaves_the_vm_running(
     destination = cluster.node("node-b")
     start_dirtier(source)
     prepared = prepare(destination, source.get("vm").spec, incoming_timeout=3.0)
-    source.stub.StartMigration(
-        node_pb2.StartMigrationRequest(
-            name="vm", destination_endpoint=prepared.endpoint, token=prepared.token
-        ),
-        timeout=30,
-    )
+    start_migration(source, "vm", prepared)
     final = wait_migration(source, "vm")
     assert final.status == types_pb2.MIGRATION_STATE_FAILED
     assert final.error.startswith("migration process died: exit code -9"), final.error
