@@ -48,12 +48,18 @@ def migration_progress(status: types_pb2.MigrationStatus) -> tuple[float | None,
     guest that dirties memory faster than the link would creep towards 100% while getting
     no closer. A migration that does not converge stays where it is.
     """
-    state = types_pb2.MigrationState.Name(status.status).removeprefix("MIGRATION_STATE_")
-    message = f"{state.lower()}: {status.transferred >> 20} MiB sent"
+    state = types_pb2.MigrationState.Name(status.status).removeprefix("MIGRATION_STATE_").lower()
+    if status.status == types_pb2.MIGRATION_STATE_ACTIVE:
+        # The rounds listed while it runs are the finished ones: the next is under way.
+        state += f", round {status.rounds[-1].number + 1 if status.rounds else 0}"
+    message = f"{state}: {status.transferred >> 20} MiB sent"
     if status.status not in _MOVING or not status.total:
         return None, message
     left = min(status.remaining, status.total)
-    return min(0.99, 1 - left / status.total), f"{message}, {status.remaining >> 20} MiB to go"
+    message += f", {status.remaining >> 20} MiB to go"
+    if status.cpu_throttle_percentage:
+        message += f", vCPU throttled {status.cpu_throttle_percentage}%"
+    return min(0.99, 1 - left / status.total), message
 
 
 class Mover:

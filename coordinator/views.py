@@ -108,7 +108,50 @@ def migration_json(m: types_pb2.MigrationStatus) -> dict[str, Any]:
         "resumed_at": m.resumed_at,
         "error": m.error,
         "downtime_phases_ms": {k: round(v, 3) for k, v in m.downtime_phases_ms.items()},
+        "rounds": [round_json(r) for r in m.rounds],
     }
+
+
+def round_json(r: types_pb2.MigrationRound) -> dict[str, Any]:
+    return {
+        "number": r.number,
+        "switchover": r.switchover,
+        "pages": r.pages,
+        "zero_pages": r.zero_pages,
+        "bytes": r.bytes,
+        "duration_ms": round(r.duration_ms, 3),
+        "mbps": round(r.mbps, 3),
+        "dirty_pages": r.dirty_pages,
+        "dirty_pages_rate": round(r.dirty_pages_rate, 3),
+        "expected_downtime_ms": round(r.expected_downtime_ms, 3),
+        "cpu_throttle_percentage": r.cpu_throttle_percentage,
+        "downtime_budget_ms": round(r.downtime_budget_ms, 3),
+    }
+
+
+def migration_rounds(m: types_pb2.MigrationStatus) -> str:
+    """A migration's rounds as a table: what each moved, how fast, what the guest dirtied
+    meanwhile, and the convergence policy's state; empty before round 0 ends."""
+    rows = []
+    for r in m.rounds:
+        seconds = r.duration_ms / 1000
+        rows.append(
+            (
+                "switchover" if r.switchover else r.number,
+                r.pages,
+                size(r.bytes),
+                f"{r.duration_ms:.1f}",
+                f"{r.bytes / seconds / 1e6:.0f}" if seconds > 0 else "-",
+                "-" if r.switchover else r.dirty_pages,
+                f"{r.expected_downtime_ms:.1f}",
+                f"{r.cpu_throttle_percentage}%",
+                f"{r.downtime_budget_ms:g}",
+            )
+        )
+    if not rows:
+        return ""
+    headers = ("ROUND", "PAGES", "SENT", "MS", "MB/S", "DIRTIED")
+    return table((*headers, "EXPECT-DOWN-MS", "THROTTLE", "BUDGET-MS"), rows)
 
 
 _PHASE_ORDER = ("pause", "final-round", "destination")
@@ -274,6 +317,9 @@ def op_detail(op: coordinator_pb2.Operation) -> str:
         for i in op.items:
             if phases := downtime_phases(i.migration):
                 lines.append(f"downtime of {i.vm}: {phases}")
+            if rounds := migration_rounds(i.migration):
+                lines.append(f"rounds of {i.vm}:")
+                lines.append(rounds)
     return "\n".join(lines)
 
 

@@ -56,6 +56,7 @@ from node import FERRY_VERSION
 from node.allocator import hold_freed_buffers, release_freed_buffers
 from node.faults import Fault
 from node.migration import (
+    REPORTED_ROUNDS,
     Action,
     DiscardVM,
     GuestRunning,
@@ -63,6 +64,7 @@ from node.migration import (
     MigrationReceiver,
     Pages,
     ReceiverPhase,
+    RoundStats,
     SendMessage,
 )
 from node.migration.messages import (
@@ -416,7 +418,12 @@ def _initial_stats(ram_size: int) -> dict[str, Any]:
         "mbps": 0.0,
         "dirty-sync-count": 0,
         "cpu-throttle-percentage": 0,
+        "rounds": [],
     }
+
+
+_ROUND_TEMPLATE = RoundStats(0, 0, 0, 0, 0.0, 0.0, 0, 0.0, 0.0, 0, 0.0).as_stats()
+_UINT64 = 1 << 64
 
 
 def _checked_stats(raw: object) -> dict[str, Any]:
@@ -424,7 +431,28 @@ def _checked_stats(raw: object) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ControlError("stats is not a map")
     template = _initial_stats(0)
-    return {key: field(raw, key, type(value)) for key, value in template.items()}
+    stats = {
+        key: field(raw, key, type(value)) for key, value in template.items() if key != "rounds"
+    }
+    stats["rounds"] = _checked_rounds(field(raw, "rounds", list))
+    return stats
+
+
+def _checked_rounds(rounds: list[Any]) -> list[dict[str, Any]]:
+    """The per-round figures, each a map of :class:`RoundStats` fields of the right types and
+    counts within a uint64 (they go into MigrationStatus.rounds as they are)."""
+    if len(rounds) > REPORTED_ROUNDS:
+        raise ControlError(f"stats: {len(rounds)} rounds, more than {REPORTED_ROUNDS}")
+    checked = []
+    for item in rounds:
+        if not isinstance(item, dict):
+            raise ControlError("stats: a round is not a map")
+        one = {key: field(item, key, type(value)) for key, value in _ROUND_TEMPLATE.items()}
+        for key, value in one.items():
+            if type(value) is int and not 0 <= value < _UINT64:
+                raise ControlError(f"stats: round {key} {value} is out of range")
+        checked.append(one)
+    return checked
 
 
 class IncomingMigration:

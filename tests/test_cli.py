@@ -312,6 +312,9 @@ def test_migrate_prints_the_finished_operation(cl: CoordCluster) -> None:
     phases = item["migration"]["downtime_phases_ms"]
     assert set(phases) == {"pause", "final-round", "destination"}
     assert all(ms >= 0 for ms in phases.values())
+    # So do its rounds, round 0 first and the switchover last.
+    rounds = item["migration"]["rounds"]
+    assert rounds[0]["number"] == 0 and rounds[0]["bytes"] > 0 and rounds[-1]["switchover"]
     # Every per-migration option reaches the node: forced zstd compresses what it can
     # shrink (the guest's code, at least); "none" never compresses.
     for compression, compressed in (("zstd", True), ("none", False)):

@@ -58,6 +58,13 @@ def test_a_migrated_dirtier_keeps_its_ticks_sums_and_console(cluster: Cluster) -
     assert set(phases) == {"pause", "final-round", "destination"}
     assert min(phases.values()) >= 0
     assert 0 < final.resumed_at - final.paused_at <= sum(phases.values()) / 1000
+    # Round by round: round 0 carried the working set, every dirty-log fetch ended a
+    # round, and the switchover (sent with the guest paused) came last.
+    rounds = list(final.rounds)
+    assert [r.number for r in rounds] == list(range(len(rounds)))
+    assert len(rounds) == final.dirty_sync_count
+    assert rounds[-1].switchover and not any(r.switchover for r in rounds[:-1])
+    assert rounds[0].bytes >= 8 << 20 and sum(r.bytes for r in rounds) <= final.transferred
     # The source's copy never runs again and holds no capacity; the destination owns the VM.
     assert a.get("vm").state == types_pb2.VM_STATE_MIGRATED
     deadline = time.monotonic() + 30

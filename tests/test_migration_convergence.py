@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from test_migration_harness import FakeGuest, Loopback
 
-from node.migration import Cancelled, Completed, MigrationOptions, Pages
+from node.migration import REPORTED_ROUNDS, Cancelled, Completed, MigrationOptions, Pages
 
 LADDER = [20, 30, 40, 50, 60, 70, 80, 90, 99]
 
@@ -128,3 +128,13 @@ def test_every_round_reports_its_measurements() -> None:
 def test_bad_options_are_one_line_errors(options: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         MigrationOptions(**options).check()  # type: ignore[arg-type]
+
+
+def test_a_long_migration_lists_round_0_and_its_latest_rounds() -> None:
+    # Many budget steps make a ladder longer than the rounds a status lists.
+    lb = migrate(hot_guest(obeys_throttle=False), max_downtime_max_ms=14, downtime_steps=100)
+    assert isinstance(lb.outcome.source_end, Cancelled)
+    assert len(lb.sender.rounds) > REPORTED_ROUNDS
+    listed = [r["number"] for r in lb.sender.stats()["rounds"]]
+    last = lb.sender.rounds[-1].number
+    assert listed == [0, *range(last - REPORTED_ROUNDS + 2, last + 1)]

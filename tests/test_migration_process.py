@@ -179,3 +179,30 @@ def test_fields_of_the_wrong_type_are_refused_with_their_name() -> None:
     with pytest.raises(ControlError, match="flag"):
         field(message, "flag", int)
     assert field(message, "paused_at", float) == 3.0
+
+
+def _stats_with_rounds(rounds: object) -> dict[str, object]:
+    from node.migration_endpoint import _initial_stats
+
+    return {**_initial_stats(1 << 20), "rounds": rounds}
+
+
+def test_the_processs_rounds_are_checked_before_the_api_reports_them() -> None:
+    from node.migration import REPORTED_ROUNDS, RoundStats
+    from node.migration.wire import status_to_pb
+    from node.migration_endpoint import _checked_stats
+
+    good = RoundStats(0, 256, 3, 1 << 20, 0.004, 2.5e8, 17, 4250.0, 0.3, 0, 300.0).as_stats()
+    status = status_to_pb(_checked_stats(_stats_with_rounds([good])))
+    assert status.rounds[0].pages == 256 and status.rounds[0].mbps == 2000.0
+    for bad, why in (
+        ("rounds", "rounds is not a list"),
+        (["x"], "a round is not a map"),
+        ([{**good, "pages": -1}], "round pages -1 is out of range"),
+        ([{**good, "bytes": 1 << 64}], "round bytes .* out of range"),
+        ([{**good, "switchover": 1}], "switchover is not a bool"),
+        ([{k: v for k, v in good.items() if k != "mbps"}], "mbps is not a float"),
+        ([good] * (REPORTED_ROUNDS + 1), "more than"),
+    ):
+        with pytest.raises(ControlError, match=why):
+            _checked_stats(_stats_with_rounds(bad))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -35,6 +37,7 @@ QUERY_MIGRATE_KEYS = {
     "mbps",
     "dirty-sync-count",
     "cpu-throttle-percentage",
+    "rounds",
 }
 
 
@@ -163,6 +166,24 @@ def test_stats_are_readable_during_the_migration() -> None:
     remaining = [int(s["remaining"]) for s in seen if s["status"] == "active"]  # type: ignore[call-overload]
     assert remaining[0] > remaining[-1]
     assert all(set(s) == QUERY_MIGRATE_KEYS for s in seen)
+
+
+def test_stats_list_every_round_and_the_switchover() -> None:
+    guest = FakeGuest(2048, filled=1024, pages_per_slice=16, working_set=256)
+    lb = Loopback(guest)
+    end = assert_migrated(lb)
+    rounds = end.stats["rounds"]
+    assert [r["number"] for r in rounds] == list(range(len(rounds)))
+    assert [r["switchover"] for r in rounds] == [False] * (len(rounds) - 1) + [True]
+    # A dirty-log fetch ends each round; the switchover's is the one made while paused.
+    assert len(rounds) == end.stats["dirty-sync-count"] >= 2
+    assert rounds[0]["pages"] >= 1024 and rounds[0]["bytes"] >= 1024 * PAGE
+    assert sum(r["bytes"] for r in rounds) <= end.stats["transferred"]
+    # Each pre-copy round's dirtied pages are the next round's work (zero markers included).
+    for before, after in itertools.pairwise(rounds[:-1]):
+        assert after["pages"] == before["dirty_pages"]
+    assert rounds[-1]["dirty_pages"] == 0
+    assert all(r["duration_ms"] >= 0 and r["mbps"] >= 0 for r in rounds)
 
 
 def test_stopped_guest_is_not_resumed_by_a_completed_migration() -> None:

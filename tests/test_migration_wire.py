@@ -151,6 +151,9 @@ def test_sender_stats_map_onto_the_api_status() -> None:
     assert status.transferred == stats["transferred"] and status.normal == stats["normal"]
     assert status.downtime_ms == pytest.approx(stats["downtime"])
     assert status.dirty_sync_count == stats["dirty-sync-count"]
+    assert [r.number for r in status.rounds] == [r["number"] for r in stats["rounds"]]
+    assert status.rounds[0].bytes == stats["rounds"][0]["bytes"] > 0
+    assert status.rounds[-1].switchover and not status.rounds[0].switchover
 
 
 # ------------------------------------------------- the serialised form (encode/decode)

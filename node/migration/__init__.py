@@ -65,11 +65,18 @@ from node.migration.messages import (
     Resumed,
 )
 from node.migration.receiver import MigrationReceiver, ReceiverPhase
-from node.migration.sender import MigrationOptions, MigrationSender, Phase, RoundStats
+from node.migration.sender import (
+    REPORTED_ROUNDS,
+    MigrationOptions,
+    MigrationSender,
+    Phase,
+    RoundStats,
+)
 
 __all__ = [
     "BATCH_PAGES",
     "PROTOCOL_VERSION",
+    "REPORTED_ROUNDS",
     "Abort",
     "Ack",
     "Action",

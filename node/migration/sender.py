@@ -211,9 +211,22 @@ class MigrationOptions:
             raise ValueError("resume_timeout_s must be positive")
 
 
+REPORTED_ROUNDS = 64
+"""How many rounds :meth:`MigrationSender.stats` lists: round 0 and the latest others. A
+migration that creeps towards convergence can run many rounds before its timeout, and every
+statistics push carries the list."""
+
+
 @dataclass(frozen=True)
 class RoundStats:
-    """What one pre-copy round moved and what it predicted."""
+    """What one round moved and what it predicted.
+
+    Kept so users can study a migration round by round (how fast round 0 went, how the
+    dirty set shrank, when the policy throttled or raised the budget), which the totals
+    alone cannot show. The ``switchover`` round is the last one, sent with the guest
+    paused: its duration runs from the pause to ``Complete`` leaving, it has no dirty pages
+    (the guest did not run), and its expected downtime is the prediction that started it.
+    """
 
     number: int
     pages: int
@@ -226,6 +239,26 @@ class RoundStats:
     expected_downtime_ms: float
     throttle_percent: int
     downtime_budget_ms: float
+    switchover: bool = False
+
+    def as_stats(self) -> dict[str, Any]:
+        """This round as :meth:`MigrationSender.stats` lists it (MigrationRound's names)."""
+        return {
+            "number": self.number,
+            "pages": self.pages,
+            "zero_pages": self.zero_pages,
+            "bytes": self.bytes,
+            "duration_ms": self.duration_s * 1000,
+            "mbps": self.bandwidth * 8 / 1e6,
+            "dirty_pages": self.dirty_pages,
+            "dirty_pages_rate": self.dirty_rate,
+            "expected_downtime_ms": (
+                self.expected_downtime_ms if math.isfinite(self.expected_downtime_ms) else 0.0
+            ),
+            "cpu_throttle_percentage": self.throttle_percent,
+            "downtime_budget_ms": self.downtime_budget_ms,
+            "switchover": self.switchover,
+        }
 
 
 class MigrationSender:
@@ -290,7 +323,9 @@ class MigrationSender:
 
         self.phase = Phase.SETUP
         self.reason = ""
+        # The pre-copy rounds, and the final one sent with the guest paused once it is.
         self.rounds: list[RoundStats] = []
+        self.switchover_round: RoundStats | None = None
         self._logging = False
         self._paused = False
         self._throttle = 0
@@ -523,7 +558,16 @@ class MigrationSender:
             "mbps": self._bandwidth * 8 / 1e6,
             "dirty-sync-count": self._sync_count,
             "cpu-throttle-percentage": self._throttle,
+            "rounds": [r.as_stats() for r in self._reported_rounds()],
         }
+
+    def _reported_rounds(self) -> list[RoundStats]:
+        listed = self.rounds
+        if self.switchover_round is not None:
+            listed = [*listed, self.switchover_round]
+        if len(listed) <= REPORTED_ROUNDS:
+            return listed
+        return listed[:1] + listed[-(REPORTED_ROUNDS - 1) :]
 
     # ------------------------------------------------------------------------- rounds
 
@@ -960,6 +1004,20 @@ class MigrationSender:
         self.phase = Phase.WAIT_RESUMED
         self._complete_time = self._clock()
         self._transferred += len(state)
+        self.switchover_round = RoundStats(
+            number=self._round,
+            pages=self._round_pages,
+            zero_pages=self._round_zero,
+            bytes=self._round_bytes,
+            duration_s=max(self._complete_time - self._pause_time, 0.0),
+            bandwidth=self._bandwidth,
+            dirty_pages=0,
+            dirty_rate=0.0,
+            expected_downtime_ms=self._expected_downtime_ms,
+            throttle_percent=self._throttle,
+            downtime_budget_ms=self._budget_ms,
+            switchover=True,
+        )
         return [
             SendMessage(DeviceState(state)),
             SendMessage(Complete(digest=self.digest.value)),

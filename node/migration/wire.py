@@ -154,6 +154,7 @@ def status_to_pb(
         cpu_throttle_percentage=stats["cpu-throttle-percentage"],
         error=error,
         destination=destination,
+        rounds=[types_pb2.MigrationRound(**r) for r in stats.get("rounds", ())],
     )
 
 

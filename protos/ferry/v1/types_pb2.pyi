@@ -473,6 +473,7 @@ class MigrationStatus(_message.Message):
     PAUSED_AT_FIELD_NUMBER: _builtins.int
     RESUMED_AT_FIELD_NUMBER: _builtins.int
     DOWNTIME_PHASES_MS_FIELD_NUMBER: _builtins.int
+    ROUNDS_FIELD_NUMBER: _builtins.int
     vm: _builtins.str
     status: Global___MigrationState.ValueType
     setup_time_ms: _builtins.float
@@ -510,6 +511,12 @@ class MigrationStatus(_message.Message):
         at the source learning of the resume, so it is at least the guest's real downtime.
         """
 
+    @_builtins.property
+    def rounds(self) -> _containers.RepeatedCompositeFieldContainer[Global___MigrationRound]:
+        """The rounds so far, oldest first: round 0 and at most the 63 latest others (a long
+        migration lists its first round and its recent ones; `number` says which).
+        """
+
     def __init__(
         self,
         *,
@@ -534,11 +541,80 @@ class MigrationStatus(_message.Message):
         paused_at: _builtins.float = ...,
         resumed_at: _builtins.float = ...,
         downtime_phases_ms: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        rounds: _abc.Iterable[Global___MigrationRound] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compressed_bytes", b"compressed_bytes", "cpu_throttle_percentage", b"cpu_throttle_percentage", "destination", b"destination", "dirty_pages_rate", b"dirty_pages_rate", "dirty_sync_count", b"dirty_sync_count", "downtime_ms", b"downtime_ms", "downtime_phases_ms", b"downtime_phases_ms", "duplicate", b"duplicate", "error", b"error", "expected_downtime_ms", b"expected_downtime_ms", "mbps", b"mbps", "normal", b"normal", "paused_at", b"paused_at", "remaining", b"remaining", "resumed_at", b"resumed_at", "setup_time_ms", b"setup_time_ms", "status", b"status", "total", b"total", "total_time_ms", b"total_time_ms", "transferred", b"transferred", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compressed_bytes", b"compressed_bytes", "cpu_throttle_percentage", b"cpu_throttle_percentage", "destination", b"destination", "dirty_pages_rate", b"dirty_pages_rate", "dirty_sync_count", b"dirty_sync_count", "downtime_ms", b"downtime_ms", "downtime_phases_ms", b"downtime_phases_ms", "duplicate", b"duplicate", "error", b"error", "expected_downtime_ms", b"expected_downtime_ms", "mbps", b"mbps", "normal", b"normal", "paused_at", b"paused_at", "remaining", b"remaining", "resumed_at", b"resumed_at", "rounds", b"rounds", "setup_time_ms", b"setup_time_ms", "status", b"status", "total", b"total", "total_time_ms", b"total_time_ms", "transferred", b"transferred", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MigrationStatus: _TypeAlias = MigrationStatus  # noqa: Y015
+
+@_typing.final
+class MigrationRound(_message.Message):
+    """One round of a migration as the source saw it. Round 0 sends every page that is not zero;
+    each later round sends the pages the guest dirtied during the round before; the
+    switchover round is the last, sent with the guest paused.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUMBER_FIELD_NUMBER: _builtins.int
+    PAGES_FIELD_NUMBER: _builtins.int
+    ZERO_PAGES_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    DURATION_MS_FIELD_NUMBER: _builtins.int
+    MBPS_FIELD_NUMBER: _builtins.int
+    DIRTY_PAGES_FIELD_NUMBER: _builtins.int
+    DIRTY_PAGES_RATE_FIELD_NUMBER: _builtins.int
+    EXPECTED_DOWNTIME_MS_FIELD_NUMBER: _builtins.int
+    CPU_THROTTLE_PERCENTAGE_FIELD_NUMBER: _builtins.int
+    DOWNTIME_BUDGET_MS_FIELD_NUMBER: _builtins.int
+    SWITCHOVER_FIELD_NUMBER: _builtins.int
+    number: _builtins.int
+    pages: _builtins.int
+    """Pages the round sent, zero markers included, and how many of them were zero."""
+    zero_pages: _builtins.int
+    bytes: _builtins.int
+    """Bytes the round's page batches put on the stream (after compression)."""
+    duration_ms: _builtins.float
+    """From the round's start until the destination acknowledged its last batch; for the
+    switchover round, from the pause until Complete left.
+    """
+    mbps: _builtins.float
+    """The bandwidth the source measured, as of the round's end (megabits/s, as mbps)."""
+    dirty_pages: _builtins.int
+    """Pages the guest dirtied during the round, and their rate (pages/s): the next round's work."""
+    dirty_pages_rate: _builtins.float
+    expected_downtime_ms: _builtins.float
+    """The downtime switching over after this round would cost (dirty bytes / bandwidth);
+    for the switchover round, the prediction that started it.
+    """
+    cpu_throttle_percentage: _builtins.int
+    """The convergence policy's state as the round ended: vCPU throttle and downtime budget."""
+    downtime_budget_ms: _builtins.float
+    switchover: _builtins.bool
+    def __init__(
+        self,
+        *,
+        number: _builtins.int = ...,
+        pages: _builtins.int = ...,
+        zero_pages: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+        duration_ms: _builtins.float = ...,
+        mbps: _builtins.float = ...,
+        dirty_pages: _builtins.int = ...,
+        dirty_pages_rate: _builtins.float = ...,
+        expected_downtime_ms: _builtins.float = ...,
+        cpu_throttle_percentage: _builtins.int = ...,
+        downtime_budget_ms: _builtins.float = ...,
+        switchover: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "cpu_throttle_percentage", b"cpu_throttle_percentage", "dirty_pages", b"dirty_pages", "dirty_pages_rate", b"dirty_pages_rate", "downtime_budget_ms", b"downtime_budget_ms", "duration_ms", b"duration_ms", "expected_downtime_ms", b"expected_downtime_ms", "mbps", b"mbps", "number", b"number", "pages", b"pages", "switchover", b"switchover", "zero_pages", b"zero_pages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrationRound: _TypeAlias = MigrationRound  # noqa: Y015
