@@ -423,24 +423,39 @@ def _initial_stats(ram_size: int) -> dict[str, Any]:
 
 
 _ROUND_TEMPLATE = RoundStats(0, 0, 0, 0, 0.0, 0.0, 0, 0.0, 0.0, 0, 0.0).as_stats()
-_UINT64 = 1 << 64
+_UINT32, _UINT64 = 1 << 32, 1 << 64
+# The unsigned fields' bounds, from the messages the figures go into as they are.
+_ROUND_LIMITS = {
+    f.name: _UINT32 if f.type == f.TYPE_UINT32 else _UINT64
+    for f in types_pb2.MigrationRound.DESCRIPTOR.fields
+    if f.type in (f.TYPE_UINT32, f.TYPE_UINT64)
+} | {"cpu_throttle_percentage": 101}
+_STATS_LIMITS = {"cpu-throttle-percentage": 101}
 
 
 def _checked_stats(raw: object) -> dict[str, Any]:
-    """The process's statistics, each key present with a value of the expected type."""
+    """The process's statistics, each key present with a value of the expected type, and
+    counts within what the API's fields hold (a bad one would fail every status query)."""
     if not isinstance(raw, dict):
         raise ControlError("stats is not a map")
     template = _initial_stats(0)
     stats = {
         key: field(raw, key, type(value)) for key, value in template.items() if key != "rounds"
     }
+    _check_counts("stats:", stats, _STATS_LIMITS)
     stats["rounds"] = _checked_rounds(field(raw, "rounds", list))
     return stats
 
 
+def _check_counts(what: str, values: dict[str, Any], limits: dict[str, int]) -> None:
+    for key, value in values.items():
+        if type(value) is int and not 0 <= value < limits.get(key, _UINT64):
+            raise ControlError(f"{what} {key} {value} is out of range")
+
+
 def _checked_rounds(rounds: list[Any]) -> list[dict[str, Any]]:
     """The per-round figures, each a map of :class:`RoundStats` fields of the right types and
-    counts within a uint64 (they go into MigrationStatus.rounds as they are)."""
+    counts within their MigrationRound fields (they go into them as they are)."""
     if len(rounds) > REPORTED_ROUNDS:
         raise ControlError(f"stats: {len(rounds)} rounds, more than {REPORTED_ROUNDS}")
     checked = []
@@ -448,9 +463,7 @@ def _checked_rounds(rounds: list[Any]) -> list[dict[str, Any]]:
         if not isinstance(item, dict):
             raise ControlError("stats: a round is not a map")
         one = {key: field(item, key, type(value)) for key, value in _ROUND_TEMPLATE.items()}
-        for key, value in one.items():
-            if type(value) is int and not 0 <= value < _UINT64:
-                raise ControlError(f"stats: round {key} {value} is out of range")
+        _check_counts("stats: round", one, _ROUND_LIMITS)
         checked.append(one)
     return checked
 

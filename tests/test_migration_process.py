@@ -200,9 +200,13 @@ def test_the_processs_rounds_are_checked_before_the_api_reports_them() -> None:
         (["x"], "a round is not a map"),
         ([{**good, "pages": -1}], "round pages -1 is out of range"),
         ([{**good, "bytes": 1 << 64}], "round bytes .* out of range"),
+        ([{**good, "number": 1 << 32}], "round number .* out of range"),
         ([{**good, "switchover": 1}], "switchover is not a bool"),
         ([{k: v for k, v in good.items() if k != "mbps"}], "mbps is not a float"),
         ([good] * (REPORTED_ROUNDS + 1), "more than"),
     ):
         with pytest.raises(ControlError, match=why):
             _checked_stats(_stats_with_rounds(bad))
+    for key, value in (("transferred", -1), ("cpu-throttle-percentage", 101)):
+        with pytest.raises(ControlError, match=f"{key} {value} is out of range"):
+            _checked_stats({**_stats_with_rounds([]), key: value})
